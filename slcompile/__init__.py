@@ -1,0 +1,12 @@
+"""slcompile: SLTrain (``W = (alpha / r) * B @ A + S``) for any PyTorch model.
+
+Public API (DESIGN.md section 2): :class:`SLConfig`, :class:`SLLinear`, :func:`transform`,
+:func:`merge`, :mod:`slcompile.passes`.
+"""
+from slcompile import ops  # noqa: F401  (registers the slcompile:: custom ops)
+from slcompile.config import SLConfig
+from slcompile.layers import SLLinear, reset_sl_parameters
+from slcompile.transform import TransformReport, merge, transform
+
+__all__ = ["SLConfig", "SLLinear", "TransformReport", "merge", "reset_sl_parameters", "transform"]
+__version__ = "0.1.0"

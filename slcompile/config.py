@@ -1,0 +1,84 @@
+"""``SLConfig``: what ``transform`` replaces and with which SLTrain settings."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+DEFAULT_HEAD_NAMES = ("lm_head", "output")
+
+
+def _check_finite(field: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"SLConfig.{field} must be a finite number, got {value!r}")
+
+
+def _check_patterns(field: str, value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    value = tuple(value)
+    for pattern in value:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"SLConfig.{field} must hold non-empty strings (names or regexes), got {pattern!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SLConfig:
+    """Settings of an SLTrain transform: ``W = (alpha / r) * B @ A + S``.
+
+    Exactly one of ``rank`` (absolute, ``1 <= rank <= min(in, out)`` of every target layer) and
+    ``rank_ratio`` (fraction of ``min(in, out)`` in ``(0, 1]``, rounded, at least 1) must be given.
+
+    Module selection: a module is matched by a pattern if the pattern equals its qualified name,
+    equals a trailing part of it (``"q_proj"`` matches ``"layers.0.attn.q_proj"``) or is a regex
+    that ``re.fullmatch``-es it. ``targets=None`` means every ``nn.Linear`` except those matched by
+    ``head_names`` and those whose weight is tied to an ``nn.Embedding``.
+    """
+
+    rank: Optional[int] = None
+    rank_ratio: Optional[float] = None
+    alpha: float = 32.0
+    density: float = 0.03
+    seed: int = 0
+    targets: Optional[tuple[str, ...]] = None
+    exclude: tuple[str, ...] = ()
+    head_names: tuple[str, ...] = DEFAULT_HEAD_NAMES
+
+    def __post_init__(self) -> None:
+        if (self.rank is None) == (self.rank_ratio is None):
+            raise ValueError("SLConfig needs exactly one of `rank` (int >= 1) or `rank_ratio` (float in (0, 1]); "
+                             f"got rank={self.rank!r}, rank_ratio={self.rank_ratio!r}")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"SLConfig.rank must be an int >= 1, got {self.rank!r}")
+        if self.rank_ratio is not None:
+            _check_finite("rank_ratio", self.rank_ratio)
+            if not 0 < self.rank_ratio <= 1:
+                raise ValueError(f"SLConfig.rank_ratio must lie in (0, 1], got {self.rank_ratio!r}")
+        _check_finite("alpha", self.alpha)
+        if self.alpha <= 0:
+            raise ValueError(f"SLConfig.alpha must be > 0, got {self.alpha!r}")
+        _check_finite("density", self.density)
+        if not 0 < self.density < 1:
+            raise ValueError(f"SLConfig.density must lie in the open interval (0, 1), got {self.density!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"SLConfig.seed must be an int, got {self.seed!r}")
+        targets = None if self.targets is None else _check_patterns("targets", self.targets)
+        if targets == ():
+            raise ValueError("SLConfig.targets must name at least one module (use None for the default)")
+        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "exclude", _check_patterns("exclude", self.exclude))
+        object.__setattr__(self, "head_names", _check_patterns("head_names", self.head_names))
+
+    def rank_for(self, in_features: int, out_features: int, name: str = "") -> int:
+        """The rank of a layer of shape ``(out, in)``; ``ValueError`` if it exceeds ``min(in, out)``."""
+        limit = min(in_features, out_features)
+        if self.rank is not None:
+            if self.rank > limit:
+                where = f" of layer {name!r}" if name else ""
+                raise ValueError(f"SLConfig.rank={self.rank} exceeds min(in, out)={limit}{where} "
+                                 f"(shape {out_features}x{in_features}); use a smaller rank or rank_ratio")
+            return self.rank
+        return max(1, min(limit, round(self.rank_ratio * limit)))

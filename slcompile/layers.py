@@ -1,0 +1,127 @@
+"""``SLLinear``: a linear layer with weight ``W = (alpha / r) * B @ A + S`` (SLTrain)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from slcompile import ops
+from slcompile.config import SLConfig
+from slcompile.support import generate_support, nnz_for
+
+
+class SLLinear(nn.Module):
+    """Drop-in replacement of ``nn.Linear(in_features, out_features, bias)`` for pretraining.
+
+    Trainable parameters: ``A (r, in)``, ``B (out, r)``, ``values (nnz,)`` and optional
+    ``bias (out,)``. Buffer: ``support (nnz,)`` int32 sorted flat indices into ``(out, in)``,
+    fixed at construction from ``(seed, out, in, nnz)`` (see :mod:`slcompile.support`).
+    Init as the paper: ``A`` kaiming-uniform(a=sqrt(5)), ``B`` zeros, ``values`` and ``bias``
+    U(-1/sqrt(in), 1/sqrt(in)); so at step 0 the layer is ``S`` alone.
+
+    Input ``(..., in)`` in the parameters' dtype (or any float dtype under autocast), output
+    ``(..., out)``. Only ``x`` is saved for backward, as for ``nn.Linear``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int,
+                 alpha: float = 32.0, density: float = 0.03, seed: int = 0,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        for field, size in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"SLLinear.{field} must be an int >= 1, got {size!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"SLLinear needs a floating-point dtype, got {dtype}")
+        # SLConfig owns the validation of rank/alpha/density/seed, so both entry points agree.
+        SLConfig(rank=rank, alpha=alpha, density=density, seed=seed).rank_for(in_features, out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.alpha, self.density, self.seed = rank, float(alpha), float(density), seed
+        self.scale = self.alpha / rank
+        self.nnz = nnz_for(in_features, out_features, density)
+        factory = {"device": device, "dtype": dtype}
+        self.A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.B = nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.values = nn.Parameter(torch.empty(self.nnz, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.register_buffer("support", torch.empty(self.nnz, dtype=torch.int32, device=device))
+        self.reset_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, rank: int, alpha: float = 32.0, density: float = 0.03,
+                    seed: int = 0) -> "SLLinear":
+        """An ``SLLinear`` of the same shape, device and dtype, freshly initialized as the paper.
+
+        The dense weight is not carried over (SLTrain pretrains from scratch); the bias is.
+        """
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, rank=rank,
+                    alpha=alpha, density=density, seed=seed, device=linear.weight.device,
+                    dtype=linear.weight.dtype)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Paper init of ``A``, ``B``, ``values``, ``bias``; regenerates ``support`` from the seed.
+
+        Call after ``to_empty()`` to materialize a layer built on the meta device.
+        """
+        self.support.copy_(generate_support(self.out_features, self.in_features, self.nnz, self.seed,
+                                            device=self.support.device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.zeros_(self.B)
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.values, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def dense_weight(self) -> Tensor:
+        """``W (out, in) = scale * B @ A + S`` in the parameters' dtype (differentiable)."""
+        return ops.materialize(self.A, self.B, self.values, self.support, self.scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"SLLinear expects input (..., {self.in_features}), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"SLLinear expects a floating-point input, got {x.dtype}")
+        params = (self.A, self.B, self.values, self.bias)
+        if torch.is_autocast_enabled(x.device.type):
+            # Custom ops bypass autocast: cast here; the casts keep fp32 master weights trainable.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, *params = (None if t is None else t.to(dtype) for t in (x, *params))
+        elif x.dtype != self.A.dtype:
+            raise TypeError(f"SLLinear input dtype {x.dtype} differs from its parameters' {self.A.dtype}; "
+                            "cast the input or the module, or use torch.autocast")
+        A, B, values, bias = params
+        return ops.sl_linear(x, A, B, values, self.support, self.scale, bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"alpha={self.alpha}, density={self.density}, nnz={self.nnz}, bias={self.bias is not None}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        support = state_dict.get(prefix + "support")
+        if support is not None and support.device.type != "meta":
+            self._check_loaded_support(prefix + "support", support)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_loaded_support(self, key: str, support: Tensor) -> None:
+        """Refuse a corrupt support before it overwrites the current one."""
+        if support.shape != (self.nnz,) or support.is_floating_point():
+            raise ValueError(f"corrupt checkpoint: {key} has shape {tuple(support.shape)} and dtype "
+                             f"{support.dtype}, expected ({self.nnz},) integer")
+        numel = self.in_features * self.out_features
+        if self.nnz and (int(support.min()) < 0 or int(support.max()) >= numel):
+            raise ValueError(f"corrupt checkpoint: {key} has indices outside [0, {numel})")
+        if torch.unique(support).numel() != self.nnz:
+            raise ValueError(f"corrupt checkpoint: {key} has duplicate indices")
+
+
+def reset_sl_parameters(model: nn.Module) -> int:
+    """``reset_parameters()`` on every ``SLLinear`` of ``model`` (e.g. after ``to_empty``); returns the count."""
+    layers = [m for m in model.modules() if isinstance(m, SLLinear)]
+    for layer in layers:
+        layer.reset_parameters()
+    return len(layers)

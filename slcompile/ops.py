@@ -1,0 +1,122 @@
+"""The SLTrain linear as ``torch.library`` custom ops: the one reference implementation.
+
+``y = x @ W.T + bias`` with ``W = scale * B @ A + S`` where ``S`` has ``values`` at the flat
+positions ``support``.
+
+Memory plan (DESIGN.md section 4): forward materializes ``W`` in the compute dtype, runs one
+GEMM and drops ``W``; autograd saves only ``x`` and the (already resident) parameters, so
+activation memory equals ``nn.Linear``'s. Backward recomputes ``W`` for ``dX`` and frees it
+before forming the dense ``dW`` that yields ``dA``, ``dB`` and ``dvalues = dW[support]``.
+
+Ops (opaque to Dynamo/Inductor, so ``torch.compile(fullgraph=True)`` keeps them whole):
+- ``slcompile::materialize(A, B, values, support, scale) -> W``
+- ``slcompile::sl_linear(x, A, B, values, support, scale, bias?) -> y``
+- ``slcompile::sl_linear_backward(grad_y, x, A, B, values, support, scale, need_dx) -> (dx, dA, dB, dvalues)``
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["materialize", "sl_linear", "sl_linear_backward"]
+
+
+@torch.library.custom_op("slcompile::materialize", mutates_args=())
+def materialize(A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float) -> Tensor:
+    """Dense ``W = scale * B @ A + S``.
+
+    Shapes: ``A (r, in)``, ``B (out, r)``, ``values (nnz,)``, ``support (nnz,)`` int32 flat
+    indices into ``(out, in)``. Returns ``(out, in)`` in the parameters' dtype.
+    """
+    weight = torch.mm(B, A)
+    weight.mul_(scale)
+    weight.view(-1).index_add_(0, support, values)
+    return weight
+
+
+@materialize.register_fake
+def _(A, B, values, support, scale):
+    return A.new_empty(B.shape[0], A.shape[1])
+
+
+def _factor_grads(grad_w: Tensor, A: Tensor, B: Tensor, support: Tensor, scale: float
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Chain rule through ``W = scale * B @ A + S``: ``(dA, dB, dvalues)`` from ``dW (out, in)``."""
+    grad_values = grad_w.view(-1)[support]
+    grad_b = torch.mm(grad_w, A.t()).mul_(scale)
+    grad_a = torch.mm(B.t(), grad_w).mul_(scale)
+    return grad_a, grad_b, grad_values
+
+
+def _materialize_setup_context(ctx, inputs, output):
+    A, B, values, support, scale = inputs
+    ctx.save_for_backward(A, B, support)
+    ctx.scale = scale
+
+
+def _materialize_backward(ctx, grad_w):
+    A, B, support = ctx.saved_tensors
+    grad_a, grad_b, grad_values = _factor_grads(grad_w.contiguous(), A, B, support, ctx.scale)
+    return grad_a, grad_b, grad_values, None, None
+
+
+materialize.register_autograd(_materialize_backward, setup_context=_materialize_setup_context)
+
+
+@torch.library.custom_op("slcompile::sl_linear", mutates_args=())
+def sl_linear(x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float,
+              bias: Optional[Tensor] = None) -> Tensor:
+    """``y (..., out) = x (..., in) @ W.T + bias``; ``W`` is formed and dropped (never saved)."""
+    return torch.nn.functional.linear(x, materialize(A, B, values, support, scale), bias)
+
+
+@sl_linear.register_fake
+def _(x, A, B, values, support, scale, bias=None):
+    return x.new_empty(*x.shape[:-1], B.shape[0])
+
+
+@torch.library.custom_op("slcompile::sl_linear_backward", mutates_args=())
+def sl_linear_backward(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor,
+                       scale: float, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``sl_linear`` w.r.t. ``x``, ``A``, ``B``, ``values`` (bias is a plain sum).
+
+    ``grad_y (..., out)``, ``x (..., in)``. ``dx`` is an empty tensor when ``need_dx`` is False.
+    """
+    in_features, out_features = A.shape[1], B.shape[0]
+    x2d, g2d = x.reshape(-1, in_features), grad_y.reshape(-1, out_features)
+    if need_dx:
+        weight = materialize(A, B, values, support, scale)
+        grad_x = torch.mm(g2d, weight).view(x.shape)
+        del weight  # free W before the dense dW exists: peak holds one (out, in) transient
+    else:
+        grad_x = x.new_empty(0)
+    grad_a, grad_b, grad_values = _factor_grads(torch.mm(g2d.t(), x2d), A, B, support, scale)
+    return grad_x, grad_a, grad_b, grad_values
+
+
+@sl_linear_backward.register_fake
+def _(grad_y, x, A, B, values, support, scale, need_dx):
+    grad_x = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return grad_x, torch.empty_like(A), torch.empty_like(B), torch.empty_like(values)
+
+
+def _setup_context(ctx, inputs, output):
+    x, A, B, values, support, scale, bias = inputs
+    ctx.save_for_backward(x, A, B, values, support)
+    ctx.scale = scale
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y):
+    x, A, B, values, support = ctx.saved_tensors
+    needs = ctx.needs_input_grad  # one flag per input actually passed (bias may be omitted)
+    grads = sl_linear_backward(grad_y, x, A, B, values, support, ctx.scale, needs[0])
+    grads = [grad if need else None for grad, need in zip(grads, needs)] + [None, None]
+    if len(needs) > 6:
+        grads.append(grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and needs[6] else None)
+    return tuple(grads)
+
+
+sl_linear.register_autograd(_backward, setup_context=_setup_context)
