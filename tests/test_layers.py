@@ -1,0 +1,169 @@
+"""SLLinear against a dense float64 reference: values, gradients, dtypes, batch shapes, memory."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from torch import nn
+
+from slcompile import SLLinear
+from slcompile.support import generate_support
+
+from conftest import dense_reference_weight
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def assert_close_to_reference(actual, expected, dtype, reduction, what=""):
+    """Rounding error of a length-``reduction`` dot product, relative to the result's magnitude."""
+    tol = TOLERANCE[dtype] * (1 + reduction ** 0.5)
+    scale = 1 + float(expected.detach().abs().max()) if expected.numel() else 1
+    torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=tol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _randomized(layer: SLLinear, seed: int) -> SLLinear:
+    """B is zero at init; give every parameter random values so all gradients are exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float64) * 0.5)
+    return layer
+
+
+@given(out_features=st.integers(1, 23), in_features=st.integers(1, 23), rank_frac=st.floats(0, 1),
+       density=st.floats(0.001, 0.999), alpha=st.floats(0.1, 64.0), bias=st.booleans(),
+       batch=st.lists(st.integers(0, 4), min_size=0, max_size=3),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
+       seed=st.integers(0, 2**31))
+def test_forward_and_gradients_match_float64_dense(out_features, in_features, rank_frac, density, alpha, bias,
+                                                   batch, dtype, seed):
+    rank = max(1, round(rank_frac * min(in_features, out_features)))
+    layer = _randomized(SLLinear(in_features, out_features, bias=bias, rank=rank, alpha=alpha, density=density,
+                                 seed=seed, dtype=dtype), seed)
+    x = torch.randn(*batch, in_features, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    x.requires_grad_(True)
+    y = layer(x)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 2)).to(dtype)
+    y.backward(grad_y)
+
+    ref_params = {n: p.detach().double().requires_grad_(True) for n, p in layer.named_parameters()}
+    ref_x = x.detach().double().requires_grad_(True)
+    weight = dense_reference_weight(ref_params["A"], ref_params["B"], ref_params["values"], layer.support,
+                                    layer.scale)
+    ref_y = ref_x @ weight.T + (ref_params["bias"] if bias else 0)
+    ref_y.backward(grad_y.double())
+
+    reduction = max(in_features, out_features, math.prod(batch), rank)
+    assert y.dtype == dtype and y.shape == (*batch, out_features)
+    assert_close_to_reference(y, ref_y, dtype, reduction, "output")
+    assert_close_to_reference(x.grad, ref_x.grad, dtype, reduction, "grad of x")
+    for name, param in layer.named_parameters():
+        assert param.grad.dtype == dtype
+        # dA/dB chain two products (dW, then times B or A): twice the reduction's error.
+        assert_close_to_reference(param.grad, ref_params[name].grad, dtype, 4 * reduction, f"grad of {name}")
+
+
+def test_paper_init_and_shapes():
+    torch.manual_seed(0)
+    layer = SLLinear(300, 200, rank=16, alpha=32.0, density=0.05, seed=3)
+    assert layer.A.shape == (16, 300) and layer.B.shape == (200, 16) and layer.values.shape == (3000,)
+    assert layer.nnz == int(0.05 * 300 * 200) and layer.scale == 2.0
+    assert torch.count_nonzero(layer.B) == 0
+    bound = 1 / math.sqrt(300)
+    for t in (layer.A, layer.values, layer.bias):
+        assert t.abs().max() <= bound and t.abs().max() > 0.9 * bound
+    assert not layer.support.requires_grad and layer.support.dtype == torch.int32
+    assert "support" in dict(layer.named_buffers()) and "support" not in dict(layer.named_parameters())
+    # At init the layer is S alone.
+    expected = torch.zeros(200 * 300).index_put((layer.support.long(),), layer.values.detach()).view(200, 300)
+    torch.testing.assert_close(layer.dense_weight(), expected)
+    assert "rank=16" in repr(layer) and "nnz=3000" in repr(layer)
+
+
+def test_from_linear_keeps_device_dtype_and_bias():
+    linear = nn.Linear(12, 9, dtype=torch.float64)
+    layer = SLLinear.from_linear(linear, rank=3, alpha=6.0, density=0.2, seed=4)
+    assert layer.A.dtype == torch.float64 and torch.equal(layer.bias, linear.bias)
+    assert torch.equal(layer.support, generate_support(9, 12, layer.nnz, 4))
+    assert SLLinear.from_linear(nn.Linear(12, 9, bias=False), rank=3).bias is None
+
+
+def _saved_bytes(module, x):
+    """Bytes of tensors autograd saves for backward that are not parameters or buffers."""
+    resident = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in resident:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x).sum()
+    return sum(saved.values())
+
+
+def test_saved_tensors_equal_nn_linear():
+    x = torch.randn(64, 96, requires_grad=True)
+    dense = nn.Linear(96, 80)
+    sl = SLLinear(96, 80, rank=8, density=0.05)
+    assert _saved_bytes(sl, x) == _saved_bytes(dense, x) == x.numel() * 4
+
+
+def test_bad_inputs_are_clear():
+    layer = SLLinear(8, 4, rank=2)
+    with pytest.raises(ValueError, match=r"expects input \(\.\.\., 8\), got shape \(3, 7\)"):
+        layer(torch.randn(3, 7))
+    with pytest.raises(TypeError, match="floating-point input"):
+        layer(torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="differs from its parameters"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"rank=9 exceeds"):
+        SLLinear(8, 16, rank=9)
+    with pytest.raises(ValueError, match="density"):
+        SLLinear(8, 16, rank=2, density=1.5)
+    with pytest.raises(ValueError, match="in_features"):
+        SLLinear(0, 16, rank=2)
+    with pytest.raises(TypeError, match="floating-point dtype"):
+        SLLinear(8, 16, rank=2, dtype=torch.int8)
+
+
+def test_autocast_computes_in_low_precision_with_fp32_master_weights():
+    layer = SLLinear(16, 8, rank=4)
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.A.grad.dtype == torch.float32 and layer.values.grad.dtype == torch.float32
+
+
+def test_meta_device_allocates_nothing_and_materializes_like_a_fresh_layer():
+    with torch.device("meta"):
+        meta = SLLinear(4096, 11008, rank=1024, density=0.05, seed=11)
+    assert all(t.device.type == "meta" for t in (*meta.parameters(), *meta.buffers()))
+    assert meta.dense_weight().shape == (11008, 4096)
+    small = SLLinear(40, 30, rank=4, seed=11, device="meta").to_empty(device="cpu")
+    small.reset_parameters()
+    assert torch.equal(small.support, SLLinear(40, 30, rank=4, seed=11).support)
+
+
+def test_state_dict_round_trip_and_corrupt_support():
+    layer = SLLinear(20, 10, rank=2, density=0.3, seed=1)
+    clone = SLLinear(20, 10, rank=2, density=0.3, seed=2)
+    clone.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+    before = clone.state_dict()
+    for corrupt, message in [
+        (layer.support.clone().fill_(0), "duplicate"),
+        (layer.support + 10_000, "outside"),
+        (layer.support[:-1], "shape"),
+        (layer.support.float(), "dtype"),
+    ]:
+        state = dict(layer.state_dict(), support=corrupt)
+        with pytest.raises(ValueError, match=f"corrupt checkpoint.*{message}"):
+            clone.load_state_dict(state)
+        assert all(torch.equal(before[k], v) for k, v in clone.state_dict().items())  # nothing lost
