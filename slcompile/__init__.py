@@ -6,7 +6,8 @@ Public API (DESIGN.md section 2): :class:`SLConfig`, :class:`SLLinear`, :func:`t
 from slcompile import ops  # noqa: F401  (registers the slcompile:: custom ops)
 from slcompile.config import SLConfig
 from slcompile.layers import SLLinear, reset_sl_parameters
+from slcompile.memory import param_count
 from slcompile.transform import TransformReport, merge, transform
 
-__all__ = ["SLConfig", "SLLinear", "TransformReport", "merge", "reset_sl_parameters", "transform"]
+__all__ = ["SLConfig", "SLLinear", "TransformReport", "merge", "param_count", "reset_sl_parameters", "transform"]
 __version__ = "0.1.0"

@@ -1,0 +1,84 @@
+"""Byte-level BPE tokenizer trained on the training split, cached on disk.
+
+Byte-level BPE needs no unknown token and decodes every string back exactly (no normalizer, no
+added prefix space), so ``decode(encode(text)) == text`` for any unicode text.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from slcompile.data.corpora import Document, content_hash
+
+EOS = "<|endoftext|>"
+# Bump when the training recipe below changes, so cached tokenizers are retrained.
+TOKENIZER_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Cache root: ``$SLCOMPILE_CACHE`` if set, else ``.cache/slcompile`` in the working directory."""
+    return Path(os.environ.get("SLCOMPILE_CACHE", Path.cwd() / ".cache" / "slcompile"))
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success move it onto ``path`` in one step.
+
+    Readers (or a concurrent process, e.g. another data-parallel rank) never see a partial file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name per writer, not mkstemp: the writer creates it with the usual (umask) mode.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE with ``vocab_size`` entries (the EOS special token included, id 0)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  # All 256 bytes up front: any text is encodable whatever it held.
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tokenizer
+
+
+def tokenizer_key(documents: Sequence[Document], vocab_size: int) -> str:
+    """Cache key over (corpus names, vocab size, text content, recipe and library versions)."""
+    names = sorted({doc.source for doc in documents})
+    blob = json.dumps([names, vocab_size, content_hash(documents), TOKENIZER_VERSION,
+                       tokenizers.__version__])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def get_tokenizer(documents: Sequence[Document], vocab_size: int = 4096,
+                  cache: Path | None = None) -> Tokenizer:
+    """The tokenizer trained on ``documents`` (pass the training split only), from the cache if
+    an identical one was trained before, else trained now and stored under ``cache``
+    (default :func:`cache_dir`) as ``tokenizer-<key>.json``."""
+    path = (cache or cache_dir()) / f"tokenizer-{tokenizer_key(documents, vocab_size)}.json"
+    if path.exists():
+        return Tokenizer.from_file(str(path))
+    tokenizer = train_tokenizer([doc.text for doc in documents], vocab_size)
+    with atomic_path(path) as tmp:
+        tokenizer.save(str(tmp))
+    return tokenizer
+
+
+def tokenizer_hash(tokenizer: Tokenizer) -> str:
+    """Short digest of a tokenizer's full definition (vocab, merges, settings)."""
+    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]

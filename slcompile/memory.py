@@ -1,0 +1,561 @@
+"""Parameter counts and a symbolic (sympy) model of training memory, with a batch-size planner.
+
+Everything here is arithmetic on the model's shape: no tensors are allocated.
+
+- :func:`param_count` reproduces the paper's parameter counts (REFERENCE.md section 3) exactly.
+- :func:`memory_model` returns a :class:`MemoryBreakdown` of sympy expressions in bytes, symbolic
+  in batch ``b``, sequence ``s`` and the shape (``dim``, ``intermediate``, ``layers``, ``vocab``,
+  ``heads``, ``rank``, ``density``), for ``full`` / ``lowrank`` / ``sltrain`` training of the LLaMA
+  in :mod:`slcompile.models` with AdamW.
+- :func:`evaluate` and :func:`estimate` turn it into numbers; :func:`plan` solves the peak for the
+  largest micro-batch that fits a budget; :func:`plan_settings` lists the settings that fit.
+
+What the model assumes (each term's code comment says what it counts and why):
+
+- One device, no data/tensor parallelism, no CPU offload; bytes of live tensors only (no CUDA
+  context, no allocator fragmentation: measured ``max_memory_reserved`` runs higher).
+- Weights (``weight_dtype``): ``bf16`` or ``fp32`` everywhere; ``int8`` stores the tensors of the
+  seven replaceable linears (``W`` or ``A``, ``B``, ``values``) as int8 plus one fp32 scale per row
+  (``weight_scale="row"``: rows of ``W``/``A``/``B``; the 1-D ``values`` form one row) or per tensor,
+  as torchao's int8 weight-only quantized training does; embeddings, head and norms stay in the
+  compute dtype, and gradients of int8 weights come back in the compute dtype.
+- AdamW holds two states per trainable element. ``state_bits=32``: fp32 states; ``16``: states in
+  bf16, what ``torch.optim.AdamW`` keeps for bf16 parameters (the reference's pure-bf16 setting);
+  ``8``/``4``: torchao ``AdamW8bit``/``AdamW4bit``, whose rule is reproduced exactly: a state is
+  quantized only when its tensor has >= 4096 elements and a multiple of the block size (256 for
+  8-bit, 128 for 4-bit), and then holds 8/4-bit codes, one fp32 scale per block and a per-tensor
+  fp32 lookup table (256 / 16 entries); any other tensor keeps plain states in its own dtype.
+  The scalar ``step`` counters live on the host and are not counted.
+- Optimizer updates: without ``per_layer`` the whole model's gradients exist before one
+  ``optimizer.step()``, which for 16/32-bit states is torch's default (foreach) AdamW and
+  allocates one state-dtype copy of all parameters (``exp_avg_sq.sqrt()``). With ``per_layer``
+  each parameter is stepped in its post-accumulate-grad hook and its gradient freed, so at most
+  the largest single gradient exists; every single-tensor step (also any 8/4-bit step) is
+  assumed to materialize one copy of that tensor (state dtype, fp32 for 8/4-bit states).
+- Activations (``compute_dtype``, bf16 or fp32; fp32 weights with bf16 compute mean autocast,
+  whose bf16 weight copies saved for backward are not counted) are what autograd saves in
+  :class:`slcompile.models.llama.Llama`: RMSNorm with fp32 statistics (saves an fp32 copy of its
+  input, ``rstd`` and the normalized tensor; a fused RMSNorm kernel saving only its input and
+  ``rstd`` would save ``4 + c`` bytes less per token and feature, ``c`` the compute dtype's
+  bytes), RoPE with constant ``cos``/``sin`` (saves nothing per token), SDPA with
+  flash/memory-efficient kernels (saves q, k, v, the output and an fp32 logsumexp per head and
+  token, never an ``s x s`` matrix), SwiGLU, no dropout, no biases. The SLTrain layer saves only
+  its input (like ``nn.Linear``); the low-rank baseline computes ``(x A^T) B^T`` and also saves
+  ``x A^T``. Token ids and targets are the caller's tensors and are not counted.
+- Loss: computed inside the model, ``F.cross_entropy(logits.float(), targets)``: log-softmax
+  saves fp32 log-probs, and its backward holds its incoming and outgoing fp32 gradients at once.
+- Checkpointing (``checkpointing=True``): each decoder layer saves only its input; in backward one
+  layer's activations are recomputed at a time.
+- Peak: the largest of a few moments of one training step (``MemoryBreakdown.phases``), each the
+  persistent memory (parameters, support, optimizer states) plus what is alive at that moment.
+
+Predictions (GB = 1e9 bytes, from :func:`estimate`) at seq 256, micro-batch 1, bf16 compute, no
+checkpointing unless said, next to the paper's measured peaks on one A100-80G (REFERENCE.md
+section 4; the paper states neither batch nor checkpointing). The SLTrain rows use ``method=
+"sltrain", state_bits=8, per_layer=True``; "support" is ``index_bytes`` 8 / 4 / 0.
+
+| setting | 350M | paper | 1B | paper | 7B | paper |
+|---|---|---|---|---|---|---|
+| AdamW, pure bf16 (bf16 weights, grads, states; foreach step) | 3.68 | 4.5 | 13.39 | 16.3 | 67.38 | 67.4 |
+| AdamW, bf16 weights + fp32 states | 5.89 | - | 21.43 | - | 107.81 | - |
+| 8-bit AdamW per-layer, bf16 weights | 1.97 | 3.5 | 6.38 | 11.8 | 29.51 | 29.4 |
+| SLTrain, bf16 weights, int64 support (the reference) | 1.38 | 2.2 | 3.99 | 6.8 | 18.43 | 18.3 |
+| SLTrain, int8 weights, int64 support | 1.25 | - | 3.48 | - | 15.59 | - |
+| SLTrain, int8 weights, int32 support | 1.21 | - | 3.34 | - | 14.29 | - |
+| SLTrain, int8 weights, regenerated support | 1.18 | - | 3.19 | - | 13.00 | - |
+| ... and checkpointing | 0.92 | - | 2.67 | - | 11.59 | - |
+| ... and 4-bit states | 0.74 | - | 2.08 | - | 8.85 | - |
+
+How to read it against the paper:
+
+- 7B "Adam" 67.4 GB is reproduced (67.38) by the reference's pure bf16 training: bf16 weights,
+  gradients and both AdamW states, plus the ``sqrt(exp_avg_sq)`` temporary of torch's default
+  foreach AdamW, i.e. five bf16 copies of the 6.74 B parameters at the optimizer step (the
+  activations are already freed then). fp32 states on bf16 weights need 107.8 GB with the
+  foreach temporary (80.9 GB without it), more than the 80 GB card; per-layer fp32 states would
+  hold five bf16 copies too, but with the activations on top (69.7 GB).
+- 7B per-layer 8-bit AdamW (29.51 vs 29.4) and SLTrain (18.43 vs 18.3) land within 0.15 GB,
+  which supports micro-batch 1 x 256 tokens without checkpointing (GaLore's memory figure, which
+  the paper follows, states that setting). The closeness is partly luck: the paper used
+  bitsandbytes, whose fused 8-bit step has no fp32 copy of the largest tensor (0.5 GB modeled
+  here for the 131 M-element head) and which quantizes every state of >= 4096 elements, while
+  torchao (modeled) also needs a multiple of 256, which no SLTrain ``values`` tensor at 7B has
+  (``int(0.05 * 4096 * 4096) = 838860``): all 324 M values keep bf16 states, 0.65 GB more.
+  Without those two costs the model sits 0.4 GB (8-bit AdamW) and 1.0 GB (SLTrain) below the
+  paper, room for what a measurement adds and this model does not (allocator caching, the
+  reference's extra copies). Padding ``values`` to a multiple of 256 would let torchao quantize them.
+- At 350M and 1B the paper's figures are 0.8 to 5.4 GB above the model, and the gap differs
+  between rows of one model size (1B: 2.8-2.9 GB for Adam and SLTrain, 5.4 GB for 8-bit Adam):
+  no single unstated batch size or constant overhead (CUDA context, allocator cache) explains all
+  three, so those rows were probably measured under other, unstated settings.
+- The 10 GB target at 7B (DESIGN.md section 5) is not met by int8 weights + int32 support +
+  8-bit states (14.3 GB) or even with regenerated support and checkpointing (11.6 GB): the
+  remaining terms are 8-bit states 7.0 GB (0.65 GB of them the unquantized ``values`` states),
+  int8 linears and bf16 embeddings 3.4 GB, the fp32 step copy of the largest tensor 0.5 GB (a
+  fused step kernel avoids it), its bf16 gradient 0.26 GB and one layer's transients 0.29 GB;
+  4-bit states reach 8.9 GB.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from types import MappingProxyType
+from typing import Mapping, Union
+
+import sympy
+
+from slcompile.models.config import LlamaConfig, get_config
+from slcompile.support import nnz_for
+
+METHODS = ("full", "lowrank", "sltrain")
+STATE_BITS = (32, 16, 8, 4)
+WEIGHT_DTYPES = ("bf16", "fp32", "int8")
+WEIGHT_SCALES = ("row", "tensor")
+INDEX_BYTES = (8, 4, 0)
+COMPUTE_DTYPES = ("bf16", "fp32")
+_DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+
+# torchao/optim (adam.py, subclass_8bit.py, subclass_4bit.py): which tensors get low-bit states,
+# the block size of their fp32 scales and the length of the per-tensor fp32 lookup table.
+_QUANT_MIN_NUMEL = 4096
+_QUANT_BLOCK = {8: 256, 4: 128}
+_QUANT_QMAP = {8: 256, 4: 16}
+
+b, s = sympy.symbols("b s", positive=True, integer=True)
+dim, intermediate, layers, vocab, heads, rank = sympy.symbols(
+    "dim intermediate layers vocab heads rank", positive=True, integer=True)
+density = sympy.Symbol("density", positive=True)
+SYMBOLS: Mapping[str, sympy.Symbol] = MappingProxyType(
+    {sym.name: sym for sym in (b, s, dim, intermediate, layers, vocab, heads, rank, density)})
+
+ConfigLike = Union[LlamaConfig, str]
+Breakdown = Union["MemoryBreakdown", sympy.Expr]
+
+
+class _Nnz(sympy.Function):
+    """``nnz = int(density * in * out)`` (Python's float product, truncated) once all are numbers.
+
+    Delegated to :func:`slcompile.support.nnz_for` so the count is the layers' own, bit for bit; a
+    symbolic ``floor`` would multiply in sympy's order and precision instead of Python's.
+    """
+
+    is_integer = True
+    is_nonnegative = True
+
+    @classmethod
+    def eval(cls, dens, fan_in, fan_out):
+        if dens.is_number and fan_in.is_number and fan_out.is_number:
+            return sympy.Integer(nnz_for(int(fan_in), int(fan_out), float(dens)))
+        return None
+
+
+class _LowBitStateBytes(sympy.Function):
+    """Bytes of one torchao 8/4-bit Adam state of a tensor with ``numel`` elements.
+
+    Quantized (codes + one fp32 scale per block + fp32 lookup table) when ``numel >= 4096`` and
+    ``numel`` is a multiple of the block; otherwise a plain tensor of ``fallback`` bytes per element.
+    """
+
+    is_integer = True
+    is_nonnegative = True
+
+    @classmethod
+    def eval(cls, numel, bits, fallback):
+        if not numel.is_number:
+            return None
+        n, bits = int(numel), int(bits)
+        block = _QUANT_BLOCK[bits]
+        if n >= _QUANT_MIN_NUMEL and n % block == 0:
+            return sympy.Integer(n * bits // 8 + 4 * (n // block) + 4 * _QUANT_QMAP[bits])
+        return sympy.Integer(n * int(fallback))
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One kind of trainable tensor: ``count`` copies of ``numel`` elements in ``rows`` rows."""
+
+    numel: sympy.Expr
+    count: sympy.Expr
+    rows: sympy.Expr
+    in_linear: bool  # part of one of the seven replaceable linears (int8-able)
+
+
+def _linear_shapes() -> list[tuple[str, sympy.Expr, sympy.Expr]]:
+    # The config's own list evaluated on symbols, so the seven linears are defined once.
+    return LlamaConfig(dim=dim, intermediate_size=intermediate).linear_shapes()
+
+
+def _tensors(method: str) -> list[_Tensor]:
+    """The model's trainable tensors: untied embedding and head, RMSNorms, the seven linears."""
+    tensors = [_Tensor(vocab * dim, sympy.Integer(1), vocab, False),  # embedding
+               _Tensor(vocab * dim, sympy.Integer(1), vocab, False),  # lm_head
+               _Tensor(dim, 2 * layers + 1, sympy.Integer(1), False)]  # 2 norms per layer + final
+    for _, fan_in, fan_out in _linear_shapes():
+        if method == "full":
+            tensors.append(_Tensor(fan_in * fan_out, layers, fan_out, True))
+            continue
+        tensors.append(_Tensor(rank * fan_in, layers, rank, True))  # A (r, in)
+        tensors.append(_Tensor(fan_out * rank, layers, fan_out, True))  # B (out, r)
+        if method == "sltrain":
+            tensors.append(_Tensor(_Nnz(density, fan_in, fan_out), layers, sympy.Integer(1), True))
+    return tensors
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Memory of one training step, every field a sympy expression in bytes.
+
+    ``activations`` and ``activations_checkpointed`` are both given; ``phases`` (and so ``peak``)
+    use the one selected by ``checkpointing``. ``gradients`` is the most gradient memory alive at
+    once (all gradients, or the largest single one with ``per_layer``).
+    """
+
+    parameters: sympy.Expr
+    support: sympy.Expr
+    optimizer_states: sympy.Expr
+    gradients: sympy.Expr
+    activations: sympy.Expr
+    activations_checkpointed: sympy.Expr
+    loss: sympy.Expr
+    transient: sympy.Expr
+    optimizer_transient: sympy.Expr
+    phases: Mapping[str, sympy.Expr]
+    peak: sympy.Expr
+
+    def terms(self) -> dict[str, sympy.Expr]:
+        """All expressions by name: the fields, then each phase as ``phase_<name>``."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "phases"}
+        out.update({f"phase_{name}": expr for name, expr in self.phases.items()})
+        return out
+
+
+def _max(exprs) -> sympy.Expr:
+    # Unevaluated: comparing symbolic shapes is slow and undecidable; substituting numbers
+    # rebuilds the Max, which then evaluates.
+    unique = tuple(dict.fromkeys(exprs))
+    return unique[0] if len(unique) == 1 else sympy.Max(*unique, evaluate=False)
+
+
+def _choice(name: str, value, allowed: tuple) -> None:
+    if not any(type(value) is type(a) and value == a for a in allowed):  # 8.0 and True are not 8, 1
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _check_density(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"density must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_budget(budget_bytes) -> None:
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
+        raise ValueError(f"budget_bytes must be an int >= 0, got {budget_bytes!r}")
+
+
+def _resolve_config(model_config: ConfigLike) -> LlamaConfig:
+    if isinstance(model_config, str):
+        return get_config(model_config)
+    if not isinstance(model_config, LlamaConfig):
+        raise ValueError(f"model_config must be a LlamaConfig or a config name, got {model_config!r}")
+    return model_config
+
+
+def memory_model(method: str = "sltrain", *, per_layer: bool = False, state_bits: int = 32,
+                 weight_dtype: str = "bf16", weight_scale: str = "row", index_bytes: int = 4,
+                 compute_dtype: str = "bf16", checkpointing: bool = False) -> MemoryBreakdown:
+    """Symbolic memory of one AdamW training step of the LLaMA, in bytes.
+
+    Args:
+        method: ``"full"`` (dense linears), ``"lowrank"`` (``B @ A`` only) or ``"sltrain"``.
+        per_layer: step each parameter in its gradient hook and free its gradient at once.
+        state_bits: AdamW state precision: 32 (fp32), 16 (bf16, torch AdamW on bf16 weights),
+            8 or 4 (torchao ``AdamW8bit`` / ``AdamW4bit``).
+        weight_dtype: ``"bf16"``, ``"fp32"`` or ``"int8"`` (the seven linears' tensors in int8
+            with fp32 scales; everything else in ``compute_dtype``).
+        weight_scale: ``"row"`` or ``"tensor"``: one fp32 scale per row or per int8 tensor.
+        index_bytes: bytes per nonzero of the stored support: 8 (int64, the reference), 4 (int32,
+            ours) or 0 (regenerated from the seed).
+        compute_dtype: ``"bf16"`` or ``"fp32"``, the dtype of activations (fp32 needs fp32 weights).
+        checkpointing: recompute each decoder layer in backward instead of saving its activations.
+
+    Cached: the same arguments return the same (immutable) breakdown.
+    """
+    _check_options(method, per_layer, state_bits, weight_dtype, weight_scale, index_bytes,
+                   compute_dtype, checkpointing)
+    return _memory_model(method, per_layer, state_bits, weight_dtype, weight_scale, index_bytes,
+                         compute_dtype, checkpointing)
+
+
+def _check_options(method, per_layer, state_bits, weight_dtype, weight_scale, index_bytes,
+                   compute_dtype, checkpointing) -> None:
+    _choice("method", method, METHODS)
+    _check_flag("per_layer", per_layer)
+    _choice("state_bits", state_bits, STATE_BITS)
+    _choice("weight_dtype", weight_dtype, WEIGHT_DTYPES)
+    _choice("weight_scale", weight_scale, WEIGHT_SCALES)
+    _choice("index_bytes", index_bytes, INDEX_BYTES)
+    _choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
+    _check_flag("checkpointing", checkpointing)
+    if compute_dtype == "fp32" and weight_dtype == "bf16":
+        raise ValueError("compute_dtype 'fp32' needs weight_dtype 'fp32' or 'int8', got weight_dtype 'bf16'")
+
+
+# Validated before the cache: 1 == True would otherwise hit the entry of a valid call.
+@lru_cache(maxsize=None)
+def _memory_model(method: str, per_layer: bool, state_bits: int, weight_dtype: str,
+                  weight_scale: str, index_bytes: int, compute_dtype: str,
+                  checkpointing: bool) -> MemoryBreakdown:
+    """Build :func:`memory_model`'s breakdown from validated options."""
+    c = _DTYPE_BYTES[compute_dtype]
+    int8 = weight_dtype == "int8"
+    # Bytes per element of every non-int8 parameter and of every gradient (torchao's int8
+    # weights get their gradients in the compute dtype).
+    elem = c if int8 else _DTYPE_BYTES[weight_dtype]
+    tensors = _tensors(method)
+    shapes = _linear_shapes()
+    tokens = b * s
+
+    def stored_bytes(t: _Tensor) -> sympy.Expr:
+        if int8 and t.in_linear:
+            return t.numel + 4 * (t.rows if weight_scale == "row" else 1)
+        return t.numel * elem
+
+    def state_bytes(t: _Tensor) -> sympy.Expr:
+        if state_bits >= 16:
+            return 2 * t.numel * (state_bits // 8)
+        # torchao's fallback state is zeros_like(param): the parameter's (appearance) dtype.
+        return 2 * _LowBitStateBytes(t.numel, state_bits, elem)
+
+    total_numel = sum(t.count * t.numel for t in tensors)
+    largest_numel = _max(t.numel for t in tensors)
+    layer_numel = sum(t.numel for t in tensors if t.in_linear) + 2 * dim  # one decoder layer
+
+    parameters = sum(t.count * stored_bytes(t) for t in tensors)
+    # The fixed support of S: one stored flat index per nonzero (none if regenerated).
+    support = (index_bytes * layers * sum(_Nnz(density, i, o) for _, i, o in shapes)
+               if method == "sltrain" else sympy.Integer(0))
+    optimizer_states = sum(t.count * state_bytes(t) for t in tensors)
+    all_gradients = elem * total_numel
+
+    # Saved by autograd in one decoder layer of slcompile.models.llama. Each RMSNorm (statistics in
+    # fp32) saves an fp32 copy of its input (in fp32: the input itself), the fp32 rstd per token
+    # and its normalized output cast to the compute dtype (for the weight's gradient); its output
+    # is saved by the linears it feeds. In the compute dtype: both norms' normalized tensors and
+    # outputs, RoPE'd q and k, v and the SDPA output (o_proj's input is a view of it: flash
+    # kernels lay it out (b, s, h, hd)): 8 x (tokens, dim); the gate output (SiLU's input),
+    # SiLU(gate), up and their product (down's input): 4 x (tokens, intermediate). In fp32: the
+    # two input copies (tokens, dim), two rstd and the SDPA logsumexp per head and token.
+    layer_activations = (c * tokens * (8 * dim + 4 * intermediate) + 4 * tokens * 2 * dim
+                         + 4 * (2 * tokens + heads * tokens))
+    if method == "lowrank":
+        # (x A^T) B^T saves the (tokens, rank) intermediate of each of the seven linears.
+        layer_activations += len(shapes) * c * tokens * rank
+    # The final RMSNorm (fp32 input copy, rstd, normalized tensor) and its output, the head's input.
+    head_activations = 2 * c * tokens * dim + 4 * tokens * dim + 4 * tokens
+    activations = layers * layer_activations + head_activations
+    layer_input = c * tokens * dim
+    # torch.utils.checkpoint keeps each layer's input; the head's activations are not checkpointed.
+    activations_checkpointed = layers * layer_input + head_activations
+    saved = activations_checkpointed if checkpointing else activations
+    kept_per_layer = layer_input if checkpointing else layer_activations
+
+    # The model computes the loss itself, F.cross_entropy(logits.float(), targets): the fp32
+    # logits are freed once log-softmax has saved its fp32 output, and the log-softmax backward
+    # holds three fp32 (tokens, vocab) buffers: log-probs, incoming and outgoing gradient.
+    loss = 12 * tokens * vocab
+
+    # One decoder layer's backward, beyond saved activations and gradients.
+    if method == "sltrain":
+        # W = scale * B @ A + S recomputed and the dense dW: two (out, in) compute-dtype matrices.
+        per_linear = [2 * i * o * c + ((rank * (i + o) + _Nnz(density, i, o)) * c if int8 else 0)
+                      for _, i, o in shapes]
+    elif method == "full":
+        per_linear = [i * o * c if int8 else sympy.Integer(0) for _, i, o in shapes]
+    else:
+        per_linear = [rank * (i + o) * c if int8 else sympy.Integer(0) for _, i, o in shapes]
+    # (int8 weights are dequantized to the compute dtype for the GEMMs, one tensor at a time.)
+    linear_transient = _max(per_linear)
+    # Activation gradients in flight in the MLP backward: d(act), d(SiLU), d(up) over
+    # intermediate, plus the incoming and outgoing gradient over dim.
+    grad_buffers = c * tokens * (3 * intermediate + 2 * dim)
+    # Recomputing a checkpointed layer rebuilds all it saves (one (tokens, dim) too many in fp32,
+    # where the norm's input copy is the kept input itself).
+    recomputed = layer_activations if checkpointing else sympy.Integer(0)
+    transient = linear_transient + grad_buffers + recomputed
+
+    state_elem = state_bits // 8 if state_bits >= 16 else 4
+    if per_layer or state_bits < 16:
+        # A single-tensor step: one copy of the largest tensor (the second-moment denominator).
+        optimizer_transient = largest_numel * state_elem
+    else:
+        # torch's foreach AdamW: exp_avg_sq.sqrt() for all parameters at once.
+        optimizer_transient = total_numel * state_elem
+
+    persistent = parameters + support + optimizer_states
+    phases = {"forward_loss": persistent + saved + loss}
+    if per_layer:
+        gradients = elem * largest_numel
+        # Conservative: the largest gradient and its update with all activations and a layer's
+        # transients (the head's gradient arrives first, when every activation is still saved).
+        phases["backward"] = persistent + saved + transient + gradients + optimizer_transient
+    else:
+        gradients = all_gradients
+        # Backward through the top layer: every activation, head + final norm + one layer's grads.
+        phases["backward_top"] = (persistent + saved + transient
+                                  + elem * (vocab * dim + dim + layer_numel))
+        # Backward through the bottom layer: one layer's activations, all grads but the embedding's.
+        phases["backward_bottom"] = (persistent + kept_per_layer + transient
+                                     + all_gradients - elem * vocab * dim)
+        phases["step"] = persistent + all_gradients + optimizer_transient
+    return MemoryBreakdown(
+        parameters=parameters, support=support, optimizer_states=optimizer_states,
+        gradients=gradients, activations=activations,
+        activations_checkpointed=activations_checkpointed, loss=loss, transient=transient,
+        optimizer_transient=optimizer_transient, phases=MappingProxyType(phases),
+        peak=_max(phases.values()))
+
+
+def shape_values(model_config: ConfigLike, rank: int | None = None,
+                 density: float | None = None) -> dict[str, object]:
+    """The shape symbols' values for a config (``rank``/``density`` default to the config's)."""
+    cfg = _resolve_config(model_config)
+    return {"dim": cfg.dim, "intermediate": cfg.intermediate_size, "layers": cfg.n_layers,
+            "vocab": cfg.vocab_size, "heads": cfg.n_heads,
+            "rank": cfg.rank if rank is None else _positive_int("rank", rank),
+            "density": cfg.density if density is None else _check_density(density)}
+
+
+def _substitute(expr: sympy.Expr, values: Mapping[str, object]) -> sympy.Expr:
+    unknown = sorted(set(values) - set(SYMBOLS))
+    if unknown:
+        raise ValueError(f"unknown symbol(s) {unknown}; known: {', '.join(SYMBOLS)}")
+    return expr.xreplace({SYMBOLS[name]: sympy.sympify(v) for name, v in values.items()})
+
+
+def _to_bytes(expr: sympy.Expr) -> int:
+    if expr.free_symbols:
+        names = sorted(sym.name for sym in expr.free_symbols)
+        raise ValueError(f"missing value(s) for {names}: pass them (or config=...) to evaluate")
+    return int(sympy.ceiling(expr))
+
+
+def evaluate(expr_or_breakdown: Breakdown, config: ConfigLike | None = None,
+             **values) -> Union[int, dict[str, int]]:
+    """Bytes of an expression, or of every term of a :class:`MemoryBreakdown` (a dict).
+
+    ``values`` map symbol names (``b``, ``s``, ``dim``, ``intermediate``, ``layers``, ``vocab``,
+    ``heads``, ``rank``, ``density``) to numbers; ``config`` fills the shape symbols from a
+    :class:`LlamaConfig` or its name (explicit ``values`` win).
+    """
+    if config is not None:
+        values = {**shape_values(config), **values}
+    if isinstance(expr_or_breakdown, MemoryBreakdown):
+        return {name: _to_bytes(_substitute(expr, values))
+                for name, expr in expr_or_breakdown.terms().items()}
+    return _to_bytes(_substitute(sympy.sympify(expr_or_breakdown), values))
+
+
+def param_count(model_config: ConfigLike, method: str, rank: int | None = None,
+                density: float | None = None) -> int:
+    """Trainable parameters of the LLaMA trained with ``method`` (REFERENCE.md section 3).
+
+    Untied embedding and head, RMSNorm weights (two per layer and a final one), no biases; each of
+    the seven linears per layer holds ``in * out`` (full), ``r * (in + out)`` (lowrank), or that
+    plus ``int(density * in * out)`` sparse values (sltrain). ``rank``/``density`` default to the
+    config's.
+    """
+    _choice("method", method, METHODS)
+    total = sum(t.count * t.numel for t in _tensors(method))
+    return evaluate(total, **shape_values(model_config, rank, density))
+
+
+def estimate(model_config: ConfigLike, method: str, batch: int, seq: int, *,
+             rank: int | None = None, density: float | None = None, **options) -> dict[str, int]:
+    """Bytes of every term of :func:`memory_model` (``options``) at one micro-batch and sequence.
+
+    Keys: the :class:`MemoryBreakdown` fields (``peak`` included) and ``phase_<name>`` per phase.
+    """
+    values = shape_values(model_config, rank, density)
+    values.update(b=_positive_int("batch", batch), s=_positive_int("seq", seq))
+    return evaluate(memory_model(method, **options), **values)
+
+
+def _largest_batch(budget_bytes: int, breakdown: MemoryBreakdown,
+                   values: Mapping[str, object]) -> int:
+    """Largest integer ``b`` with every phase <= budget (0 if none), solving each phase for ``b``."""
+    limits = []
+    for phase in breakdown.phases.values():
+        expr = sympy.expand(_substitute(phase, values))  # linear in b: a0 + a1 * b
+        if not expr.has(b):
+            if expr > budget_bytes:
+                return 0
+            continue
+        # Solve for an unconstrained symbol: a negative root (too big even at b = 0) must survive.
+        unconstrained = sympy.Symbol("batch")
+        (root,) = sympy.solve(sympy.Eq(expr.xreplace({b: unconstrained}), budget_bytes), unconstrained)
+        limits.append(max(int(sympy.floor(root)), 0))
+    return min(limits)  # never empty: the loss phase grows with the batch
+
+
+def plan(budget_bytes: int, model_config: ConfigLike, method: str = "sltrain",
+         seq: int | None = None, *, rank: int | None = None, density: float | None = None,
+         **options) -> int:
+    """The largest micro-batch whose modeled peak fits ``budget_bytes``.
+
+    ``seq`` defaults to the config's ``max_seq_len``; ``options`` go to :func:`memory_model`.
+    Raises ``ValueError`` naming the largest term if even batch 1 does not fit.
+    """
+    _check_budget(budget_bytes)
+    cfg = _resolve_config(model_config)
+    seq = cfg.max_seq_len if seq is None else _positive_int("seq", seq)
+    breakdown = memory_model(method, **options)
+    values = {**shape_values(cfg, rank, density), "s": seq}
+    batch = _largest_batch(budget_bytes, breakdown, values)
+    if batch == 0:
+        at_one = evaluate(breakdown, **values, b=1)
+        unused = "activations" if options.get("checkpointing") else "activations_checkpointed"
+        terms = {k: v for k, v in at_one.items()
+                 if k not in ("peak", unused) and not k.startswith("phase_")}
+        top = max(terms, key=terms.get)
+        raise ValueError(f"budget_bytes={budget_bytes} is below the peak at batch 1 "
+                         f"({at_one['peak']} bytes); the largest term is {top} ({terms[top]} bytes)")
+    return batch
+
+
+_SWEPT = ("per_layer", "state_bits", "weight_dtype", "checkpointing")
+
+
+def plan_settings(budget_bytes: int, model_config: ConfigLike, batch: int, seq: int,
+                  **options) -> list[dict[str, object]]:
+    """The settings that fit ``budget_bytes`` at ``batch x seq``, smallest peak first.
+
+    Sweeps method x per_layer x state_bits x weights (bf16 or int8) x checkpointing; each row holds
+    those settings and ``peak`` (bytes). ``options`` (e.g. ``index_bytes``, ``compute_dtype``, ``rank``)
+    apply to every setting.
+    """
+    _check_budget(budget_bytes)
+    swept = sorted(set(options) & set(_SWEPT))
+    if swept:
+        raise ValueError(f"plan_settings sweeps {swept} itself; do not pass them")
+    rows = []
+    for method, per_layer, bits, int8, ckpt in itertools.product(
+            METHODS, (False, True), STATE_BITS, (False, True), (False, True)):
+        peak = estimate(model_config, method, batch, seq, per_layer=per_layer, state_bits=bits,
+                        weight_dtype="int8" if int8 else "bf16", checkpointing=ckpt,
+                        **options)["peak"]
+        if peak <= budget_bytes:
+            rows.append({"method": method, "per_layer": per_layer, "state_bits": bits,
+                         "int8_weights": int8, "checkpointing": ckpt, "peak": peak})
+    return sorted(rows, key=lambda row: row["peak"])

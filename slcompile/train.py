@@ -1,0 +1,364 @@
+"""Training loop and CLI: ``python -m slcompile.train --model llama-mini --method sltrain ...``.
+
+One harness for every method (``sltrain``, ``full``, ``lowrank``, ``lowrank-b0``): same data,
+tokens, seed and schedule; only the layers and the learning rate differ. A run directory holds
+``config.json``, ``metrics.jsonl`` (one JSON object per log line), ``checkpoint.pt`` (written
+atomically: a run killed at any moment resumes from its last checkpoint with the same losses) and
+``summary.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from slcompile.baselines import to_lowrank
+from slcompile.config import SLConfig
+from slcompile.data import BatchIterator, eval_batches, load_text_data
+from slcompile.data.tokenizer import atomic_path
+from slcompile.models.config import get_config
+from slcompile.models.llama import Llama
+from slcompile.schedule import build_scheduler
+from slcompile.transform import transform
+
+METHODS = ("sltrain", "full", "lowrank", "lowrank-b0")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run. Fields in ``RESUMABLE_FIELDS`` may change on resume."""
+
+    model: str = "llama-mini"
+    method: str = "sltrain"
+    out: str = "runs/default"
+    hf_config: Optional[str] = None  # a transformers LlamaConfig JSON instead of --model
+    steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: Optional[int] = None  # default: the model's max_seq_len
+    lr: float = 3e-3
+    warmup: Optional[int] = None  # default: 10% of steps, as the paper
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    clip: Optional[float] = None
+    dtype: str = "fp32"
+    rank: Optional[int] = None  # default: the model config's (paper) rank
+    alpha: Optional[float] = None
+    density: Optional[float] = None
+    corpora: tuple[str, ...] = ("kjv", "shakespeare", "wiki")
+    vocab_size: int = 4096
+    seed: int = 0
+    eval_every: int = 50
+    eval_rows: int = 128
+    log_every: int = 10
+    checkpoint_every: int = 100
+    threads: Optional[int] = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "eval_every": self.eval_every, "eval_rows": self.eval_rows, "log_every": self.log_every,
+                    "checkpoint_every": self.checkpoint_every, "vocab_size": self.vocab_size}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
+        if self.warmup is not None and not 0 <= self.warmup <= self.steps:
+            raise ValueError(f"--warmup must lie in [0, --steps={self.steps}], got {self.warmup!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min-lr-ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"--clip must be > 0, got {self.clip!r}")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ValueError(f"--seq-len must be >= 1, got {self.seq_len!r}")
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup is not None else max(1, self.steps // 10)
+
+
+# Settings a resumed run may change without changing what it computes. Not `steps`: the
+# cosine schedule depends on the total, so a longer run is a different run.
+RESUMABLE_FIELDS = {"out", "eval_every", "log_every", "checkpoint_every", "threads", "progress"}
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[nn.Module, int, dict]:
+    """The model for ``cfg`` with its method applied; returns ``(model, seq_len, method_info)``.
+
+    Our LLaMA takes the paper's rank/alpha/density for its size unless overridden; a HF model
+    (``--hf-config``) needs ``--rank`` and ``--alpha``.
+    """
+    if cfg.hf_config:
+        from slcompile.models.hf import HFCausalLM, load_hf_llama_config
+        hf = load_hf_llama_config(cfg.hf_config, vocab_size)
+        model, max_seq = HFCausalLM(hf), hf.max_position_embeddings
+        if cfg.method != "full" and (cfg.rank is None or cfg.alpha is None):
+            raise ValueError("--hf-config needs --rank and --alpha (no paper defaults for an arbitrary shape)")
+        rank, alpha, density = cfg.rank, cfg.alpha, cfg.density if cfg.density is not None else 0.03
+    else:
+        dim_cfg = replace(get_config(cfg.model), vocab_size=vocab_size)
+        model, max_seq = Llama(dim_cfg), dim_cfg.max_seq_len
+        rank = cfg.rank if cfg.rank is not None else dim_cfg.rank
+        alpha = cfg.alpha if cfg.alpha is not None else dim_cfg.alpha
+        density = cfg.density if cfg.density is not None else dim_cfg.density
+    seq_len = cfg.seq_len or max_seq
+    if seq_len > max_seq:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's maximum sequence length {max_seq}")
+    if cfg.method == "full":
+        return model.to(DTYPES[cfg.dtype]), seq_len, {}
+    info = {"rank": rank, "alpha": alpha, "density": density}
+    sl_cfg = SLConfig(rank=rank, alpha=alpha, density=density, seed=cfg.seed)
+    if cfg.method == "sltrain":
+        model, report = transform(model, sl_cfg)
+    else:
+        model, report = to_lowrank(model, sl_cfg, init="paper" if cfg.method == "lowrank-b0" else "matched")
+    info.update(linear_params_full=report.linear_params_before, linear_params=report.linear_params_after)
+    return model.to(DTYPES[cfg.dtype]), seq_len, info
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    """``torch.save`` to a temporary file, then rename: the old checkpoint survives any crash."""
+    with atomic_path(path) as tmp:
+        torch.save({"version": CHECKPOINT_VERSION, **state}, tmp)
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
+    """Load and validate ``path``; a corrupt or mismatched file is a ``ValueError`` (and is kept)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises several types for truncated/garbled files
+        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc}); "
+                         "it was left untouched: remove it to start over, or point --out elsewhere") from exc
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {path} is not a slcompile v{CHECKPOINT_VERSION} training checkpoint")
+    saved = state["config"]
+    current = {k: v for k, v in _config_dict(cfg).items() if k not in RESUMABLE_FIELDS}
+    mismatched = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if mismatched:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
+        raise ValueError(f"checkpoint {path} was written by a run with other settings ({details}); "
+                         "use the same settings or another --out")
+    return state
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as stored in checkpoints
+
+
+def _parse_line(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:  # the last line of a killed run may be cut short
+        return None
+
+
+def _write_jsonl_prefix(path: Path, max_step: int) -> None:
+    """Drop log lines written after the checkpoint being resumed (they will be redone)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if (record := _parse_line(line)) is not None and record["step"] <= max_step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, rows: np.ndarray, batch_size: int, dtype: torch.dtype) -> float:
+    """Mean next-token cross-entropy over ``rows`` (token-weighted)."""
+    model.eval()
+    total, count = 0.0, 0
+    for inputs, targets in eval_batches(rows, batch_size):
+        total += float(model(inputs, targets)) * targets.numel()
+        count += targets.numel()
+    model.train()
+    return total / count
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak device memory: CUDA allocator peak, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training as ``cfg`` says; returns the summary also written to ``summary.json``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    resume = load_checkpoint(ckpt_path, cfg) if ckpt_path.exists() else None
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    data = load_text_data(cfg.corpora, cfg.vocab_size)
+    model, seq_len, info = build_model(cfg, data.vocab_size)
+    data = replace(data, seq_len=seq_len)
+    device = torch.device("cpu")
+    train_rows, val_rows = data.train, data.val[:cfg.eval_rows]
+    if len(val_rows) == 0:
+        raise ValueError("the validation split is empty: use more corpora or a shorter --seq-len")
+    batches = BatchIterator(train_rows, cfg.batch_size, seed=cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    dtype = DTYPES[cfg.dtype]
+
+    start, tokens = 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        batches.load_state_dict(resume["data"])
+        _set_rng_state(resume["rng"])
+        start, tokens = resume["step"], resume["tokens"]
+        _write_jsonl_prefix(log_path, start)
+    elif log_path.exists():
+        log_path.unlink()
+    (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2) + "\n")
+
+    trainable = sum(p.numel() for p in params)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len
+    log = log_path.open("a")
+    progress = None
+    if cfg.progress:
+        from tqdm import tqdm
+        progress = tqdm(total=cfg.steps, initial=start, desc=cfg.method, dynamic_ncols=True, file=sys.stderr)
+    train_time, val_loss = 0.0, None
+
+    def write(record: dict) -> None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+    for step in range(start, cfg.steps):
+        began = time.perf_counter()
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            inputs, targets = next(batches)
+            loss = model(inputs, targets)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach())
+        grad_norm = None
+        if cfg.clip is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_time += time.perf_counter() - began
+        tokens += tokens_per_step
+        loss_value = loss_sum / cfg.grad_accum
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower --lr (now {cfg.lr})")
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            write({"step": done, "loss": loss_value, "lr": lr, "tokens": tokens, "grad_norm": grad_norm,
+                   "tokens_per_s": tokens_per_step * (done - start) / max(train_time, 1e-9)})
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            val_loss = evaluate(model, val_rows, cfg.batch_size, dtype)
+            write({"step": done, "val_loss": val_loss, "val_ppl": math.exp(val_loss), "tokens": tokens})
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_checkpoint(ckpt_path, config=_config_dict(cfg), step=done, tokens=tokens,
+                            model=model.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), data=batches.state_dict(), rng=_rng_state())
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / (time.perf_counter() - began):.0f}")
+    if progress is not None:
+        progress.close()
+    log.close()
+    if val_loss is None:  # resumed a finished run: report its last evaluation
+        val_loss = evaluate(model, val_rows, cfg.batch_size, dtype)
+
+    summary = {
+        "method": cfg.method, "model": cfg.hf_config or cfg.model, "lr": cfg.lr, "steps": cfg.steps,
+        "tokens": tokens, "seq_len": seq_len, "trainable_params": trainable,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "state_bytes": _state_bytes(params, optimizer), "peak_memory_bytes": peak_memory_bytes(device),
+        "tokens_per_s": tokens_per_step * (cfg.steps - start) / train_time if train_time else None,
+        "val_loss": val_loss, "val_ppl": math.exp(val_loss), **info,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _state_bytes(params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of parameters + one gradient each + optimizer state tensors."""
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if torch.is_tensor(t))
+    return state + 2 * sum(p.numel() * p.element_size() for p in params)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """CLI flags are the ``TrainConfig`` fields with dashes (``--batch-size``)."""
+    parser = argparse.ArgumentParser(prog="python -m slcompile.train", description=__doc__.split("\n\n")[0])
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if f.name == "corpora":
+            parser.add_argument(flag, default=",".join(default), help="comma-separated corpus names")
+        elif f.name == "progress":
+            parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+        elif f.name in ("method", "dtype"):
+            parser.add_argument(flag, default=default, choices=METHODS if f.name == "method" else list(DTYPES))
+        else:
+            kind = {"int": int, "float": float}.get(type(default).__name__, str)
+            if default is None:
+                kind = {"seq_len": int, "warmup": int, "rank": int, "threads": int,
+                        "alpha": float, "density": float, "clip": float}.get(f.name, str)
+            parser.add_argument(flag, type=kind, default=default)
+    args = vars(parser.parse_args(argv))
+    args["corpora"] = tuple(c for c in args["corpora"].split(",") if c)
+    try:
+        return TrainConfig(**args)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        summary = train(cfg)
+    except (ValueError, FloatingPointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

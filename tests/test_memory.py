@@ -1,0 +1,307 @@
+"""Tests of slcompile.memory: exact parameter counts, the symbolic model's shape, the planner, and
+a check of parameter / support / gradient / AdamW-state / activation bytes against the project's
+LLaMA (slcompile.models.llama) and SLLinear."""
+import pytest
+import sympy
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import slcompile
+from slcompile import memory
+from slcompile.memory import (estimate, evaluate, memory_model, param_count, plan, plan_settings,
+                              shape_values)
+from slcompile.models.config import get_config
+from slcompile.models.llama import Llama
+
+# REFERENCE.md section 3, millions of parameters.
+PAPER_COUNTS = {
+    "llama-60m": (58.07, 42.77, 43.53),
+    "llama-130m": (134.11, 94.00, 96.55),
+    "llama-350m": (367.97, 185.22, 194.29),
+    "llama-1b": (1339.08, 609.31, 645.55),
+    "llama-7b": (6738.42, 2820.94, 3144.74),
+}
+
+
+@pytest.mark.parametrize("method_index,method", list(enumerate(memory.METHODS)))
+@pytest.mark.parametrize("name", PAPER_COUNTS)
+def test_param_count_reproduces_paper(name, method_index, method):
+    assert round(param_count(name, method) / 1e6, 2) == PAPER_COUNTS[name][method_index]
+
+
+def test_param_count_overrides_and_config_object():
+    cfg = get_config("llama-60m")
+    assert param_count(cfg, "sltrain") == param_count("llama-60m", "sltrain")
+    assert param_count(cfg, "lowrank", rank=64) < param_count(cfg, "lowrank")
+    d, f = cfg.dim, cfg.intermediate_size
+    extra = cfg.n_layers * (4 * int(0.1 * d * d) + 3 * int(0.1 * d * f))
+    assert param_count(cfg, "sltrain", density=0.1) == param_count(cfg, "lowrank") + extra
+
+
+OPTION_SETS = [
+    dict(),
+    dict(per_layer=True, state_bits=8),
+    dict(state_bits=4, weight_dtype="int8", checkpointing=True, index_bytes=8),
+    dict(state_bits=16, weight_dtype="fp32", compute_dtype="fp32", weight_scale="tensor"),
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("method", memory.METHODS)
+def test_terms_are_polynomials_in_batch_and_seq(method, options):
+    bd = memory_model(method, **options)
+    for name, expr in bd.terms().items():
+        if name != "peak":  # the peak is the Max of the phases
+            assert expr.is_polynomial(memory.b, memory.s), name
+    assert set(bd.peak.args) == set(bd.phases.values())
+    for expr in (bd.activations, bd.activations_checkpointed, bd.loss):
+        assert sympy.diff(expr, memory.b).is_positive
+        assert sympy.diff(expr, memory.s).is_positive
+    assert bd.parameters.free_symbols.isdisjoint({memory.b, memory.s})
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("method", memory.METHODS)
+def test_more_batch_or_sequence_needs_more_memory(method, options):
+    runs = [estimate("llama-60m", method, batch, seq, **options)
+            for batch, seq in [(1, 128), (2, 128), (2, 256)]]
+    for key in ("activations", "loss", "phase_forward_loss"):
+        assert runs[0][key] < runs[1][key] < runs[2][key], key
+    # The peak may be the optimizer step, which does not depend on the batch.
+    assert runs[0]["peak"] <= runs[1]["peak"] <= runs[2]["peak"]
+
+
+def test_checkpointing_lowers_the_peak_and_keeps_one_input_per_layer():
+    cfg = get_config("llama-350m")
+    plain = estimate(cfg, "sltrain", 8, 256)
+    ckpt = estimate(cfg, "sltrain", 8, 256, checkpointing=True)
+    assert ckpt["peak"] < plain["peak"]
+    assert ckpt["activations_checkpointed"] < plain["activations"]
+    tokens = 8 * 256
+    layer_inputs = cfg.n_layers * tokens * cfg.dim * 2
+    head = tokens * cfg.dim * (2 * 2 + 4) + 4 * tokens  # final norm: normed + output, fp32 copy, rstd
+    assert ckpt["activations_checkpointed"] == layer_inputs + head
+
+
+@pytest.mark.parametrize("method", memory.METHODS)
+def test_per_layer_keeps_only_the_largest_gradient(method):
+    cfg = get_config("llama-350m")
+    whole = estimate(cfg, method, 1, 256)
+    per_layer = estimate(cfg, method, 1, 256, per_layer=True)
+    assert whole["gradients"] == 2 * param_count(cfg, method)  # bf16 gradients
+    assert per_layer["gradients"] == 2 * cfg.vocab_size * cfg.dim  # the embedding / head
+    assert per_layer["peak"] < whole["peak"]
+
+
+def test_fewer_state_bits_fewer_state_bytes():
+    states = [estimate("llama-1b", "sltrain", 1, 256, state_bits=bits)["optimizer_states"]
+              for bits in (32, 16, 8, 4)]
+    assert states == sorted(states, reverse=True) and len(set(states)) == 4
+
+
+def test_torchao_quantization_rule():
+    # 4096 x 4096 is quantized (blocks of 256); int(0.05 * 4096 * 4096) = 838860 is not a
+    # multiple of 256, so the values' states stay plain bf16 (2 bytes x 2 states).
+    dense = 4096 * 4096
+    assert memory._LowBitStateBytes(dense, 8, 2) == dense + 4 * dense // 256 + 4 * 256
+    assert memory._LowBitStateBytes(dense, 4, 2) == dense // 2 + 4 * dense // 128 + 4 * 16
+    assert memory._LowBitStateBytes(838860, 8, 2) == 2 * 838860
+    assert memory._LowBitStateBytes(2048, 8, 2) == 2 * 2048  # under 4096 elements
+
+
+def test_support_bytes_follow_the_index_width():
+    support = {nbytes: estimate("llama-350m", "sltrain", 1, 256, index_bytes=nbytes)["support"]
+               for nbytes in (8, 4, 0)}
+    assert support[4] * 2 == support[8] > 0 and support[0] == 0
+    nnz = param_count("llama-350m", "sltrain") - param_count("llama-350m", "lowrank")
+    assert support[8] == 8 * nnz
+    assert estimate("llama-350m", "lowrank", 1, 256)["support"] == 0
+
+
+def test_int8_weights_store_one_byte_plus_row_scales():
+    cfg = get_config("llama-60m")
+    lin = cfg.n_layers * sum(i * o for _, i, o in cfg.linear_shapes())
+    rows = cfg.n_layers * sum(o for _, _, o in cfg.linear_shapes())
+    rest = 2 * cfg.vocab_size * cfg.dim + (2 * cfg.n_layers + 1) * cfg.dim
+    got = estimate(cfg, "full", 1, 256, weight_dtype="int8")["parameters"]
+    assert got == lin + 4 * rows + 2 * rest
+    per_tensor = estimate(cfg, "full", 1, 256, weight_dtype="int8", weight_scale="tensor")
+    assert per_tensor["parameters"] == lin + 4 * 7 * cfg.n_layers + 2 * rest
+
+
+def test_evaluate_symbolic_shape_and_config_agree():
+    bd = memory_model("sltrain", per_layer=True, state_bits=8)
+    by_config = evaluate(bd, config="llama-130m", b=3, s=128)
+    by_symbols = evaluate(bd, b=3, s=128, **shape_values("llama-130m"))
+    assert by_config == by_symbols == estimate("llama-130m", "sltrain", 3, 128, per_layer=True,
+                                               state_bits=8)
+    assert evaluate(bd.parameters, config="llama-130m") == by_config["parameters"]
+
+
+def test_seven_b_matches_the_papers_figures():
+    gb = {name: estimate("llama-7b", method, 1, 256, **opts)["peak"] / 1e9 for name, method, opts in [
+        ("adam", "full", dict(state_bits=16)),
+        ("adam8_per_layer", "full", dict(state_bits=8, per_layer=True)),
+        ("sltrain", "sltrain", dict(state_bits=8, per_layer=True, index_bytes=8)),
+    ]}
+    assert round(gb["adam"], 1) == 67.4
+    assert abs(gb["adam8_per_layer"] - 29.4) < 0.25
+    assert abs(gb["sltrain"] - 18.3) < 0.25
+
+
+# ---------------------------------------------------------------- planner
+
+PLAN_OPTIONS = dict(per_layer=True, state_bits=8, checkpointing=False)
+
+
+def _peak(batch, seq=128):
+    return estimate("llama-mini", "sltrain", batch, seq, **PLAN_OPTIONS)["peak"]
+
+
+@given(st.integers(min_value=0, max_value=10**6))
+def test_plan_returns_the_largest_batch_that_fits(offset):
+    budget = _peak(1) + offset * 997
+    batch = plan(budget, "llama-mini", "sltrain", seq=128, **PLAN_OPTIONS)
+    assert batch >= 1
+    assert _peak(batch) <= budget < _peak(batch + 1)
+
+
+@pytest.mark.parametrize("method,options", [("full", {}), ("lowrank", dict(checkpointing=True)),
+                                            ("sltrain", dict(state_bits=4, weight_dtype="int8"))])
+@pytest.mark.parametrize("batch", [1, 7, 40])
+def test_plan_boundaries_for_other_settings(method, options, batch):
+    def peak(b):
+        return estimate("llama-60m", method, b, 256, **options)["peak"]
+
+    for budget in {peak(batch), max(peak(batch), peak(batch + 1) - 1)}:
+        found = plan(budget, "llama-60m", method, **options)
+        assert peak(found) <= budget < peak(found + 1)  # the peak can be flat in b (optimizer step)
+        assert found >= batch
+
+
+def test_plan_says_which_term_is_too_big():
+    budget = _peak(1) - 1
+    message = r"budget_bytes=\d+ is below the peak at batch 1.*largest term is loss"
+    with pytest.raises(ValueError, match=message):
+        plan(budget, "llama-mini", "sltrain", seq=128, **PLAN_OPTIONS)
+
+
+def test_plan_settings_lists_what_fits_sorted():
+    budget = estimate("llama-60m", "sltrain", 4, 256, per_layer=True, state_bits=8)["peak"]
+    rows = plan_settings(budget, "llama-60m", batch=4, seq=256)
+    peaks = [row["peak"] for row in rows]
+    assert peaks == sorted(peaks) and all(p <= budget for p in peaks)
+    assert {"method": "sltrain", "per_layer": True, "state_bits": 8, "int8_weights": False,
+            "checkpointing": False, "peak": budget} in rows
+    assert not any(row["method"] == "full" and row["state_bits"] == 32 for row in rows)
+    assert len(rows) < 3 * 2 * 4 * 2 * 2
+
+
+# ---------------------------------------------------------------- bad inputs
+
+BAD_CALLS = [
+    ("method", lambda: param_count("llama-60m", "dense")),
+    ("rank", lambda: param_count("llama-60m", "lowrank", rank=0)),
+    ("density", lambda: param_count("llama-60m", "sltrain", density=1.5)),
+    ("model_config", lambda: param_count(3, "full")),
+    ("llama-3b", lambda: param_count("llama-3b", "full")),
+    ("state_bits", lambda: memory_model("sltrain", state_bits=12)),
+    ("weight_dtype", lambda: memory_model("sltrain", weight_dtype="fp16")),
+    ("weight_scale", lambda: memory_model("sltrain", weight_scale="block")),
+    ("index_bytes", lambda: memory_model("sltrain", index_bytes=2)),
+    ("compute_dtype", lambda: memory_model("sltrain", compute_dtype="fp16")),
+    ("compute_dtype", lambda: memory_model("full", compute_dtype="fp32", weight_dtype="bf16")),
+    ("per_layer", lambda: memory_model("sltrain", per_layer="yes")),
+    ("checkpointing", lambda: memory_model("sltrain", checkpointing=1)),
+    ("state_bits", lambda: memory_model("sltrain", state_bits=8.0)),
+    ("batch", lambda: estimate("llama-60m", "full", 0, 256)),
+    ("seq", lambda: estimate("llama-60m", "full", 1, 2.5)),
+    ("budget_bytes", lambda: plan(-1, "llama-60m")),
+    ("seq", lambda: plan(10**9, "llama-60m", seq=0)),
+    ("unknown symbol", lambda: evaluate(memory.b, batch=2)),
+    ("missing value", lambda: evaluate(memory_model("full").peak, b=1, s=2)),
+    ("per_layer", lambda: plan_settings(10**9, "llama-60m", 1, 256, per_layer=True)),
+]
+
+
+@pytest.mark.parametrize("argument,call", BAD_CALLS, ids=[f"{i}-{a}" for i, (a, _) in enumerate(BAD_CALLS)])
+def test_bad_inputs_raise_value_error_naming_the_argument(argument, call):
+    with pytest.raises(ValueError, match=argument):
+        call()
+
+
+# ---------------------------------------------------------------- against real tensors
+# The project's LLaMA at llama-tiny's shapes: full rank, SLTrain through slcompile.transform, and
+# a low-rank baseline swapped in here ((x A^T) B^T, as the model assumes).
+
+class _LowRankLinear(nn.Module):
+    def __init__(self, fan_in, fan_out, rank):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(rank, fan_in) / fan_in**0.5)
+        self.B = nn.Parameter(torch.randn(fan_out, rank) / rank**0.5)
+
+    def forward(self, x):
+        return F.linear(F.linear(x, self.A), self.B) * 0.25
+
+
+def _build(cfg, method):
+    model = Llama(cfg)
+    if method == "sltrain":
+        model, _ = slcompile.transform(
+            model, slcompile.SLConfig(rank=cfg.rank, alpha=cfg.alpha, density=cfg.density))
+    elif method == "lowrank":
+        for layer in model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, child in list(parent.named_children()):
+                    setattr(parent, name, _LowRankLinear(child.in_features, child.out_features, cfg.rank))
+    return model
+
+
+def _nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _saved_activation_bytes(model, tokens):
+    """Bytes of the distinct storages autograd saves in ``model(tokens)``, minus weights and inputs."""
+    known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), tokens]}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in known:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("dtype,state_bits", [(torch.float32, 32), (torch.bfloat16, 16)])
+@pytest.mark.parametrize("method", memory.METHODS)
+def test_model_matches_real_tensors(method, dtype, state_bits):
+    torch.manual_seed(0)
+    cfg = get_config("llama-tiny")
+    name = "fp32" if dtype is torch.float32 else "bf16"
+    batch, seq = 2, 16
+    want = estimate(cfg, method, batch, seq, state_bits=state_bits, weight_dtype=name,
+                    compute_dtype=name, index_bytes=4)  # SLLinear's support is int32
+    model = _build(cfg, method).to(dtype)
+    params = list(model.parameters())
+
+    assert sum(p.numel() for p in params) == param_count(cfg, method)
+    assert _nbytes(params) == want["parameters"]
+    assert _nbytes(b for b in model.buffers() if not b.is_floating_point()) == want["support"]
+
+    tokens, targets = torch.randint(cfg.vocab_size, (2, batch, seq))
+    assert _saved_activation_bytes(model, tokens) == want["activations"]
+    model(tokens, targets).backward()
+    assert _nbytes(p.grad for p in params) == want["gradients"]
+
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt.step()
+    states = [opt.state[p][key] for p in params for key in ("exp_avg", "exp_avg_sq")]
+    assert _nbytes(states) == want["optimizer_states"]
