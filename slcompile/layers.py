@@ -5,6 +5,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from slcompile import ops
 from slcompile.config import SLConfig
@@ -82,6 +83,9 @@ class SLLinear(nn.Module):
         return ops.materialize(self.A, self.B, self.values, self.support, self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
+        # fx.symbolic_trace feeds Proxies that cannot answer shape/dtype questions: trace the op alone.
+        if is_fx_symbolic_tracing():
+            return ops.sl_linear(x, self.A, self.B, self.values, self.support, self.scale, self.bias)
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"SLLinear expects input (..., {self.in_features}), got shape {tuple(x.shape)}")
         if not x.is_floating_point():

@@ -122,6 +122,15 @@ def linear_keep_reason(name: str, weight: torch.Tensor, cfg: SLConfig, tied: set
     return reason
 
 
+def linear_wrapped_reason(linear: nn.Linear) -> str | None:
+    """Why the ``nn.Linear`` module ``linear`` cannot be swapped (another tool uses it), or None."""
+    if isinstance(linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return "used through its .weight by nn.MultiheadAttention"
+    if parametrize.is_parametrized(linear):
+        return "module is parametrized (torch.nn.utils.parametrize)"
+    return None
+
+
 def check_targets_used(cfg: SLConfig, names: list[str]) -> None:
     """``ValueError`` for a ``targets`` pattern that matches no module name."""
     for pattern in cfg.targets or ():
@@ -141,10 +150,7 @@ def select_linears(model: nn.Module, cfg: SLConfig) -> tuple[list[tuple[str, nn.
             continue
         if not isinstance(module, nn.Linear):
             continue
-        wrapped = "module is parametrized (torch.nn.utils.parametrize)" if parametrize.is_parametrized(module) else None
-        if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-            wrapped = "used through its .weight by nn.MultiheadAttention"
-        reason = linear_keep_reason(name, module.weight, cfg, tied, shared, wrapped)
+        reason = linear_keep_reason(name, module.weight, cfg, tied, shared, linear_wrapped_reason(module))
         if reason is None:
             chosen.append((name, module))
         else:

@@ -167,3 +167,15 @@ def test_state_dict_round_trip_and_corrupt_support():
         with pytest.raises(ValueError, match=f"corrupt checkpoint.*{message}"):
             clone.load_state_dict(state)
         assert all(torch.equal(before[k], v) for k, v in clone.state_dict().items())  # nothing lost
+
+
+def test_symbolic_trace_of_a_transformed_model_calls_the_op():
+    layer = SLLinear(6, 5, rank=2, density=0.3)
+    with torch.no_grad():
+        layer.B.normal_()
+    model = nn.Sequential(layer, nn.ReLU())
+    gm = torch.fx.symbolic_trace(model)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.slcompile.sl_linear.default in targets or torch.ops.slcompile.sl_linear in targets
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(gm(x), model(x))
