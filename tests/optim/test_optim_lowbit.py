@@ -1,0 +1,142 @@
+"""8-bit and 4-bit optimizer states from torchao through slcompile.optim.build.
+
+torchao compiles its step per parameter shape (seconds each on CPU): these tests run it eagerly
+(``compile_step=False``, the same math) except one, which compiles a single shape.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+torchao_optim = pytest.importorskip("torchao.optim")
+
+from slcompile import SLLinear  # noqa: E402
+from slcompile.optim import build  # noqa: E402
+from optim_helpers import assert_same_params, save_load  # noqa: E402
+
+STATE_CLASSES = {8: torchao_optim.subclass_8bit.OptimState8bit, 4: torchao_optim.subclass_4bit.OptimState4bit}
+
+
+def wide_model(density: float = 0.3) -> nn.Module:
+    """A(32, 128), B(128, 32): 4096 elements each; values: int(density * 16384) (4915 by default,
+    not a multiple of torchao's block: padded); bias(128): too small to quantize."""
+    torch.manual_seed(0)
+    layer = SLLinear(128, 128, rank=32, alpha=8.0, density=density, seed=3)
+    with torch.no_grad():
+        layer.B.normal_(0.0, 0.05)
+    return layer
+
+
+def data(n: int):
+    gen = torch.Generator().manual_seed(5)
+    teacher = torch.randn(128, 128, generator=gen) / 128 ** 0.5
+    xs = [torch.randn(32, 128, generator=gen) for _ in range(n)]
+    return [(x, x @ teacher.T) for x in xs]
+
+
+def train(model, opt, batches):
+    losses = []
+    for x, y in batches:
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_states_quantized_and_training_reduces_loss(bits):
+    batches = data(1) * 6
+    full = wide_model()
+    full_losses = train(full, build(full, lr=3e-2), batches)
+    model = wide_model()
+    opt = build(model, lr=3e-2, state_bits=bits, compile_step=False)
+    losses = train(model, opt, batches)
+    assert losses[-1] < 0.3 * losses[0]
+    assert losses[-1] == pytest.approx(full_losses[-1], rel=0.15)  # close to 32-bit states
+    for name in ("A", "B", "values"):
+        state = opt.state[getattr(model, name)]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert isinstance(state[key], STATE_CLASSES[bits]), (name, key)
+            assert state[key].codes.dtype == torch.uint8
+    assert type(opt.state[model.bias]["exp_avg"]) is torch.Tensor  # 128 < 4096 elements: plain
+    block = {8: 256, 4: 128}[bits]
+    assert model.values.numel() == 4915 and opt.state[model.values]["exp_avg"].numel() == -(-4915 // block) * block
+
+
+def test_per_layer_8bit_equals_torchao_after_backward():
+    # density 0.25: every tensor is a whole number of blocks, so torchao quantizes the same ones
+    ref, model, batches = wide_model(0.25), wide_model(0.25), data(3)
+    ref_opt = torchao_optim.AdamW8bit(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    with torch.compiler.set_stance("force_eager"):
+        train(ref, ref_opt, batches)
+    train(model, build(model, lr=1e-2, weight_decay=0.1, state_bits=8, compile_step=False), batches)
+    assert_same_params(ref, model)
+
+
+def test_resume_8bit_equals_uninterrupted():
+    def make():
+        model = wide_model()
+        return model, build(model, lr=1e-2, state_bits=8, compile_step=False)
+
+    batches = data(4)
+    model, opt = make()
+    train(model, opt, batches[:2])
+    checkpoint = save_load({"model": model.state_dict(), "opt": opt.state_dict()})
+    assert all(isinstance(checkpoint["opt"]["state"][i]["exp_avg"], STATE_CLASSES[8]) for i in range(3))
+    train(model, opt, batches[2:])
+
+    resumed, resumed_opt = make()
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    train(resumed, resumed_opt, batches[2:])
+    assert_same_params(model, resumed)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            a, b = opt.state[p][key], resumed_opt.state[q][key]
+            assert type(a) is type(b)
+            assert torch.equal(a.dequantize() if hasattr(a, "dequantize") else a,
+                               b.dequantize() if hasattr(b, "dequantize") else b)
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SLCOMPILE_SLOW") != "1", reason="compiles torchao's step: 10-30 s on CPU; SLCOMPILE_SLOW=1")
+def test_compiled_step_inside_backward_hook():
+    """torchao's default path: its step torch.compile-d, here called from the gradient hook."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(64, 64))  # 4096 elements: one shape, one compile
+    eager_weight = nn.Parameter(weight.detach().clone())
+    opt = build([weight], lr=1e-2, state_bits=8)
+    eager_opt = build([eager_weight], lr=1e-2, state_bits=8, compile_step=False)
+    x = torch.randn(16, 64)
+    for _ in range(2):
+        for w, o in ((weight, opt), (eager_weight, eager_opt)):
+            (x @ w).pow(2).mean().backward()
+            o.step()
+    assert isinstance(opt.state[weight]["exp_avg"], STATE_CLASSES[8])
+    assert opt.state[weight]["step"].item() == 2
+    torch.testing.assert_close(weight.detach(), eager_weight.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_padded_states_equal_torchao_on_an_explicitly_padded_tensor():
+    torch.manual_seed(0)
+    value = torch.randn(4915)  # not a multiple of 256: torchao alone would keep fp32 states
+    param = nn.Parameter(value.clone())
+    padded = nn.Parameter(torch.cat([value, torch.zeros(5120 - 4915)]))
+    opt = build([param], lr=1e-2, weight_decay=0.1, state_bits=8, compile_step=False)
+    ref_opt = torchao_optim.AdamW8bit([padded], lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        grad = torch.randn(4915)
+        param.grad, padded.grad = grad.clone(), torch.cat([grad, torch.zeros(5120 - 4915)])
+        opt.step()
+        with torch.compiler.set_stance("force_eager"):
+            ref_opt.step()
+    assert isinstance(opt.state[param]["exp_avg"], STATE_CLASSES[8])
+    assert torch.equal(param.detach(), padded.detach()[:4915])
+    assert torch.equal(padded.detach()[4915:], torch.zeros(5120 - 4915))
