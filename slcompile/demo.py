@@ -19,9 +19,9 @@ from slcompile.sweep import sweep
 from slcompile.train import TrainConfig
 
 # The demo's settings: llama-mini (dim 128, 4 layers, rank 32, alpha/r = 0.25 as the paper at 60M).
-DEMO = {"model": "llama-mini", "steps": 300, "batch_size": 16, "seq_len": 128, "seed": 0}
+DEMO = {"model": "llama-mini", "steps": 240, "batch_size": 16, "seq_len": 128, "seed": 0}
 METHODS = ("sltrain", "full", "lowrank", "lowrank-b0")
-SWEEP_LRS = (1e-3, 3e-3, 1e-2)
+SWEEP_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 SWEEP_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "demo_sweep.json"
 
 
@@ -36,7 +36,7 @@ def best_learning_rates(path: Path) -> dict[str, float]:
 
 def run_method(method: str, lr: float, out: Path) -> None:
     cmd = [sys.executable, "-m", "slcompile.train", "--method", method, "--lr", str(lr), "--out", str(out),
-           "--eval-every", "25", "--checkpoint-every", "100", "--no-progress"]
+           "--eval-every", "30", "--checkpoint-every", "100", "--no-progress"]
     cmd += [arg for key, value in DEMO.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
     print(f"== {method} (lr {lr:g}): {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
