@@ -3,12 +3,17 @@
 One harness for every method (``sltrain``, ``full``, ``lowrank``, ``lowrank-b0``): same data,
 tokens, seed and schedule; only the layers and the learning rate differ. A run directory holds
 ``config.json``, ``metrics.jsonl`` (one JSON object per log line), ``checkpoint.pt`` (written
-atomically: a run killed at any moment resumes from its last checkpoint with the same losses) and
-``summary.json``.
+atomically: a run killed at any moment resumes from its last checkpoint with the same losses),
+``summary.json`` and, with ``--export``, ``model.safetensors`` (the merged dense model).
+
+Under ``torchrun --nproc_per_node N ... --parallel ddp|fsdp2`` (see :mod:`slcompile.distributed`)
+each rank trains on its slice of the same global batch, rank 0 alone writes the logs, and the
+checkpoint is a sharded ``checkpoint/`` directory that any world size can resume.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -28,6 +33,8 @@ from slcompile.baselines import to_lowrank
 from slcompile.config import SLConfig
 from slcompile.data import BatchIterator, eval_batches, load_text_data
 from slcompile.data.tokenizer import atomic_path
+from slcompile import distributed
+from slcompile.distributed import PARALLEL_MODES, DistContext
 from slcompile.models.config import get_config
 from slcompile.models.llama import Llama
 from slcompile.schedule import build_scheduler
@@ -68,12 +75,17 @@ class TrainConfig:
     checkpoint_every: int = 100
     threads: Optional[int] = None
     progress: bool = True
+    parallel: str = "none"  # "ddp" / "fsdp2" under torchrun
+    export: bool = False  # write model.safetensors (merged dense model) at the end
+
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
         positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "eval_every": self.eval_every, "eval_rows": self.eval_rows, "log_every": self.log_every,
                     "checkpoint_every": self.checkpoint_every, "vocab_size": self.vocab_size}
@@ -97,8 +109,11 @@ class TrainConfig:
 
 
 # Settings a resumed run may change without changing what it computes. Not `steps`: the
-# cosine schedule depends on the total, so a longer run is a different run.
-RESUMABLE_FIELDS = {"out", "eval_every", "log_every", "checkpoint_every", "threads", "progress"}
+# cosine schedule depends on the total, so a longer run is a different run. `parallel`: DDP,
+# FSDP2 and one process compute the same updates (up to float rounding) and read each other's
+# distributed checkpoints.
+RESUMABLE_FIELDS = {"out", "eval_every", "log_every", "checkpoint_every", "threads", "progress", "parallel",
+                    "export"}
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[nn.Module, int, dict]:
@@ -192,14 +207,20 @@ def _write_jsonl_prefix(path: Path, max_step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, rows: np.ndarray, batch_size: int, dtype: torch.dtype) -> float:
-    """Mean next-token cross-entropy over ``rows`` (token-weighted)."""
+def evaluate(model: nn.Module, rows: np.ndarray, batch_size: int, dtype: torch.dtype,
+             ctx: DistContext = DistContext()) -> float:
+    """Mean next-token cross-entropy over ``rows`` (token-weighted); ranks share the batches out."""
     model.eval()
+    batches = list(eval_batches(rows, batch_size))
     total, count = 0.0, 0
-    for inputs, targets in eval_batches(rows, batch_size):
-        total += float(model(inputs, targets)) * targets.numel()
-        count += targets.numel()
+    for index, counts in distributed.eval_assignment(len(batches), ctx):
+        inputs, targets = (t.to(ctx.device) for t in batches[index])
+        loss = float(model(inputs, targets))
+        if counts:
+            total += loss * targets.numel()
+            count += targets.numel()
     model.train()
+    total, count = ctx.sum([total, count])
     return total / count
 
 
@@ -211,25 +232,56 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training as ``cfg`` says; returns the summary also written to ``summary.json``."""
+    """Run (or resume) training as ``cfg`` says; returns the summary also written to ``summary.json``.
+
+    With ``cfg.parallel`` ``"ddp"``/``"fsdp2"``, call it on every torchrun rank.
+    """
+    with distributed.process_group(cfg.parallel) as ctx:
+        return _train(cfg, ctx)
+
+
+def _checkpoint_path(out: Path, ctx: DistContext) -> Path:
+    """``checkpoint.pt`` for one process, the DCP directory ``checkpoint/`` under ``--parallel``;
+    refuses a run directory that holds the other kind."""
+    names = ("checkpoint", "checkpoint.pt") if ctx.enabled else ("checkpoint.pt", "checkpoint")
+    path, other = out / names[0], out / names[1]
+    if other.exists():
+        how = ("without --parallel" if ctx.enabled else
+               "under torchrun with --parallel ddp or fsdp2 (any number of ranks dividing --batch-size)")
+        raise ValueError(f"{out} holds a {'single-process' if ctx.enabled else 'distributed'} checkpoint "
+                         f"({other.name}): resume it {how}, or use another --out")
+    return path
+
+
+def _train(cfg: TrainConfig, ctx: DistContext) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    ctx.check_batch_size(cfg.batch_size)
+    if cfg.export and importlib.util.find_spec("safetensors") is None:
+        raise ValueError("--export needs `pip install safetensors`")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    resume = load_checkpoint(ckpt_path, cfg) if ckpt_path.exists() else None
+    ckpt_path, log_path = _checkpoint_path(out, ctx), out / "metrics.jsonl"
+    if ctx.enabled:
+        found = distributed.restore_interrupted_save(ckpt_path, ctx)
+        resume = load_checkpoint(ckpt_path / distributed.META_FILE, cfg) if found else None
+    else:
+        resume = load_checkpoint(ckpt_path, cfg) if ckpt_path.exists() else None
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    data = load_text_data(cfg.corpora, cfg.vocab_size)
+    with ctx.main_first():  # rank 0 fills the tokenizer/token cache, the others read it
+        data = load_text_data(cfg.corpora, cfg.vocab_size)
     model, seq_len, info = build_model(cfg, data.vocab_size)
     data = replace(data, seq_len=seq_len)
-    device = torch.device("cpu")
+    device = ctx.device
     train_rows, val_rows = data.train, data.val[:cfg.eval_rows]
     if len(val_rows) == 0:
         raise ValueError("the validation split is empty: use more corpora or a shorter --seq-len")
     batches = BatchIterator(train_rows, cfg.batch_size, seed=cfg.seed)
+    distributed.verify_supports(model, ctx)
+    model = distributed.wrap(model.to(device), ctx)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
@@ -237,48 +289,55 @@ def train(cfg: TrainConfig) -> dict:
 
     start, tokens = 0, 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        if ctx.enabled:
+            distributed.load_checkpoint(ckpt_path, model, optimizer)
+        else:
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         batches.load_state_dict(resume["data"])
-        _set_rng_state(resume["rng"])
+        _set_rng_state(resume["rng"])  # rank 0's under --parallel: every rank drew the same numbers
         start, tokens = resume["step"], resume["tokens"]
-        _write_jsonl_prefix(log_path, start)
-    elif log_path.exists():
+        if ctx.is_main:
+            _write_jsonl_prefix(log_path, start)
+    elif ctx.is_main and log_path.exists():
         log_path.unlink()
-    (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2) + "\n")
+    if ctx.is_main:
+        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2) + "\n")
 
     trainable = sum(p.numel() for p in params)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len
-    log = log_path.open("a")
+    log = log_path.open("a") if ctx.is_main else None
     progress = None
-    if cfg.progress:
+    if cfg.progress and ctx.is_main:
         from tqdm import tqdm
         progress = tqdm(total=cfg.steps, initial=start, desc=cfg.method, dynamic_ncols=True, file=sys.stderr)
     train_time, val_loss = 0.0, None
 
     def write(record: dict) -> None:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
 
     for step in range(start, cfg.steps):
         began = time.perf_counter()
         loss_sum = 0.0
-        for _ in range(cfg.grad_accum):
-            inputs, targets = next(batches)
-            loss = model(inputs, targets)
-            (loss / cfg.grad_accum).backward()
+        for micro in range(cfg.grad_accum):
+            inputs, targets = ctx.local_batch(next(batches))
+            with distributed.gradient_sync(model, micro == cfg.grad_accum - 1):
+                loss = model(inputs, targets)
+                (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach())
         grad_norm = None
         if cfg.clip is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+            grad_norm = distributed.clip_grad_norm(params, cfg.clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         train_time += time.perf_counter() - began
         tokens += tokens_per_step
-        loss_value = loss_sum / cfg.grad_accum
+        loss_value = ctx.mean(loss_sum / cfg.grad_accum)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower --lr (now {cfg.lr})")
         done = step + 1
@@ -286,20 +345,29 @@ def train(cfg: TrainConfig) -> dict:
             write({"step": done, "loss": loss_value, "lr": lr, "tokens": tokens, "grad_norm": grad_norm,
                    "tokens_per_s": tokens_per_step * (done - start) / max(train_time, 1e-9)})
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            val_loss = evaluate(model, val_rows, cfg.batch_size, dtype)
+            val_loss = evaluate(model, val_rows, cfg.batch_size, dtype, ctx)
             write({"step": done, "val_loss": val_loss, "val_ppl": math.exp(val_loss), "tokens": tokens})
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(ckpt_path, config=_config_dict(cfg), step=done, tokens=tokens,
-                            model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), data=batches.state_dict(), rng=_rng_state())
+            meta = dict(config=_config_dict(cfg), step=done, tokens=tokens, scheduler=scheduler.state_dict(),
+                        data=batches.state_dict(), rng=_rng_state())
+            if ctx.enabled:
+                distributed.save_checkpoint(ckpt_path, model, optimizer, {"version": CHECKPOINT_VERSION, **meta},
+                                            ctx)
+            else:
+                save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(), **meta)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / (time.perf_counter() - began):.0f}")
     if progress is not None:
         progress.close()
-    log.close()
+    if log is not None:
+        log.close()
     if val_loss is None:  # resumed a finished run: report its last evaluation
-        val_loss = evaluate(model, val_rows, cfg.batch_size, dtype)
+        val_loss = evaluate(model, val_rows, cfg.batch_size, dtype, ctx)
+    if cfg.export:
+        distributed.export_safetensors(model, lambda: build_model(cfg, data.vocab_size)[0], out / "model.safetensors",
+                                       ctx, metadata={"method": cfg.method, "model": cfg.hf_config or cfg.model,
+                                                      "step": str(cfg.steps), "seed": str(cfg.seed)})
 
     summary = {
         "method": cfg.method, "model": cfg.hf_config or cfg.model, "lr": cfg.lr, "steps": cfg.steps,
@@ -307,9 +375,11 @@ def train(cfg: TrainConfig) -> dict:
         "total_params": sum(p.numel() for p in model.parameters()),
         "state_bytes": _state_bytes(params, optimizer), "peak_memory_bytes": peak_memory_bytes(device),
         "tokens_per_s": tokens_per_step * (cfg.steps - start) / train_time if train_time else None,
-        "val_loss": val_loss, "val_ppl": math.exp(val_loss), **info,
+        "val_loss": val_loss, "val_ppl": math.exp(val_loss), "parallel": cfg.parallel,
+        "world_size": ctx.world_size, **info,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if ctx.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -333,6 +403,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             parser.add_argument(flag, default=",".join(default), help="comma-separated corpus names")
         elif f.name == "progress":
             parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+        elif f.name == "export":
+            parser.add_argument(flag, action="store_true", help="write model.safetensors (merged dense model)")
+        elif f.name == "parallel":
+            parser.add_argument(flag, default=default, choices=PARALLEL_MODES,
+                                help="data parallelism under torchrun (gloo on CPU, NCCL on GPU)")
         elif f.name in ("method", "dtype"):
             parser.add_argument(flag, default=default, choices=METHODS if f.name == "method" else list(DTYPES))
         else:
@@ -356,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

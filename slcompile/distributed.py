@@ -1,0 +1,364 @@
+"""Data-parallel training under ``torchrun``: DDP or FSDP2, sharded checkpoints, safetensors export.
+
+``torchrun --nproc_per_node N -m slcompile.train --parallel ddp|fsdp2 ...`` runs one process per
+rank: gloo on CPU, NCCL (one GPU per rank, ``cuda:LOCAL_RANK``) when CUDA is available.
+
+- Supports: every rank builds the model from the same seed, so each ``SLLinear`` support (derived
+  from ``(seed, module name, shape)``) is identical everywhere by construction;
+  :func:`verify_supports` checks that at start-up with two tiny all-reduces of checksums.
+  Supports are never broadcast (DDP runs with ``broadcast_buffers=False``) nor sharded (FSDP2
+  shards parameters only: ``A``, ``B``, ``values`` shard like any other parameter).
+- Data: every rank draws the same global batch and keeps its contiguous slice of
+  ``batch_size / world_size`` rows (:meth:`DistContext.local_batch`), so a global step sees the
+  rows a single process sees; with gradients averaged over ranks (DDP all-reduce, FSDP2
+  reduce-scatter) and equal slices, the update equals the single-process one up to float
+  rounding.
+- Checkpoints: a ``torch.distributed.checkpoint`` (DCP) directory holding model and optimizer
+  (``get_state_dict``/``set_state_dict``: FQNs without wrapper prefixes, so DDP and FSDP2 runs
+  and any world size resume each other) plus ``meta.pt`` (step, schedule, data position, RNG),
+  replaced atomically (:func:`save_checkpoint`).
+- Export: :func:`export_safetensors` gathers the full state on rank 0 and writes one
+  ``safetensors`` file of the merged dense model.
+
+Not supported: ``slcompile.optim``'s per-layer optimizer (steps in post-accumulate-grad hooks)
+with DDP/FSDP2. Under DDP the hooks fire on each rank's local gradient, before the bucketed
+all-reduce has averaged it; under FSDP2 autograd accumulates into the unsharded parameters and
+FSDP2 writes the reduced shard straight into ``.grad``, so hooks on the sharded parameters never
+run. ``train.py`` must refuse the combination once it offers the per-layer optimizer.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from slcompile.data.tokenizer import atomic_path
+from slcompile.layers import SLLinear
+
+PARALLEL_MODES = ("none", "ddp", "fsdp2")
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+META_FILE = "meta.pt"
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: its parallel mode, rank, world size and compute device."""
+
+    parallel: str = "none"
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.parallel != "none"
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes logs, summaries and exports."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Run the body on rank 0 first, then on the other ranks (e.g. to fill an on-disk cache once)."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """``ValueError`` unless the global batch splits into equal slices, one per rank."""
+        if batch_size % self.world_size:
+            raise ValueError(f"--batch-size {batch_size} must be divisible by the world size {self.world_size}: "
+                             "each rank takes an equal slice of the global batch, so that the average of the "
+                             "ranks' losses and gradients is the single-process one")
+
+    def local_batch(self, batch: Batch) -> Batch:
+        """This rank's rows ``[rank * b / world, (rank + 1) * b / world)`` of a global batch, on its device."""
+        self.check_batch_size(len(batch[0]))
+        per_rank = len(batch[0]) // self.world_size
+        rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        return tuple(t[rows].to(self.device) for t in batch)
+
+    def mean(self, value: float) -> float:
+        """Average of ``value`` over ranks (the global mean loss from the per-rank means)."""
+        if not self.enabled:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return float(total) / self.world_size
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of ``values`` over ranks (float64)."""
+        if not self.enabled:
+            return values
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return total.tolist()
+
+
+@contextlib.contextmanager
+def process_group(parallel: str, timeout_s: float = 1800.0) -> Iterator[DistContext]:
+    """The :class:`DistContext` for ``parallel``; joins (and finally leaves) the torchrun process group.
+
+    ``"none"``: a single process on the CPU; refused when torchrun started several processes (they
+    would all write the same run directory). ``"ddp"``/``"fsdp2"``: needs torchrun's environment
+    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); NCCL on
+    ``cuda:LOCAL_RANK`` when CUDA is available, else gloo on the CPU. A process group that already
+    exists (a caller's) is used as is and left open.
+    """
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {parallel!r}")
+    if parallel == "none":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"started as one of WORLD_SIZE={os.environ['WORLD_SIZE']} processes (torchrun?) "
+                             "without --parallel: pass --parallel ddp or --parallel fsdp2")
+        yield DistContext()
+        return
+    missing = [name for name in TORCHRUN_VARS if name not in os.environ]
+    if missing and not dist.is_initialized():
+        raise ValueError(f"--parallel {parallel} needs the torchrun environment (missing {', '.join(missing)}): "
+                         f"launch with `torchrun --nproc_per_node N -m slcompile.train --parallel {parallel} ...`")
+    owned = not dist.is_initialized()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if owned:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    try:
+        yield DistContext(parallel, dist.get_rank(), dist.get_world_size(), device)
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def support_checksum(model: nn.Module) -> dict[str, int]:
+    """A 63-bit checksum of every ``SLLinear``'s support (and shape), by module name, in module order.
+
+    Call it on the unwrapped model so names carry no wrapper prefix. Hashes the int32 indices on
+    the CPU: about a second per GB of support, once per run.
+    """
+    sums = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, SLLinear):
+            digest = hashlib.blake2b(digest_size=8)
+            digest.update(f"{name}:{layer.out_features}x{layer.in_features}:{layer.nnz}".encode())
+            digest.update(layer.support.detach().cpu().numpy().tobytes())
+            sums[name] = int.from_bytes(digest.digest(), "little") >> 1
+    return sums
+
+
+def verify_supports(model: nn.Module, ctx: DistContext) -> None:
+    """Check that every rank holds the same ``SLLinear`` supports; ``ValueError`` names the first that differs.
+
+    Two small all-reduces (MAX of ``[x, -x]`` gives max and min at once): the number of layers,
+    then the per-layer checksums. Every rank sees the same reductions, so all raise together.
+    """
+    if not ctx.enabled:
+        return
+    sums = support_checksum(model)
+
+    def spread(values: list[int]) -> tuple[list[int], list[int]]:
+        both = torch.tensor(values + [-v for v in values], dtype=torch.int64, device=ctx.device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        high, low = both.tolist()[:len(values)], [-v for v in both.tolist()[len(values):]]
+        return low, high
+
+    (fewest,), (most,) = spread([len(sums)])
+    if fewest != most:
+        raise ValueError(f"ranks hold different numbers of SLLinear layers (between {fewest} and {most}; "
+                         f"rank {ctx.rank} has {len(sums)}): every rank must build the same model")
+    if not sums:
+        return
+    low, high = spread(list(sums.values()))
+    for (name, mine), lo, hi in zip(sums.items(), low, high):
+        if lo != hi:
+            raise ValueError(f"the sparse support of SLLinear {name!r} differs across ranks (checksum "
+                             f"{mine:#x} on rank {ctx.rank}, range {lo:#x}..{hi:#x}): every rank must build the "
+                             "model with the same --seed, SLConfig and module names")
+
+
+def wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """``model`` (already on ``ctx.device``) under DDP or FSDP2; unchanged for ``"none"``.
+
+    FSDP2 (``fully_shard``) shards each child of the model's ``nn.ModuleList`` blocks (the decoder
+    layers), then the root (embeddings, final norm, head). Build the optimizer after this: FSDP2
+    replaces the parameters by ``DTensor`` shards.
+    """
+    if ctx.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        # Buffers stay per-rank: the supports are identical (verify_supports), RoPE tables are derived.
+        return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                       broadcast_buffers=False)
+    if ctx.parallel == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+        for block in _blocks(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """Children of the outermost ``nn.ModuleList``s of ``model`` (transformer blocks)."""
+    blocks: list[nn.Module] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and not any(name.startswith(p + ".") for p in inside):
+            blocks.extend(module)
+            inside.append(name)
+    return blocks
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce/reduce-scatter inside the body unless ``enabled`` (gradient
+    accumulation: only the last micro-batch of a step communicates)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+        yield
+    else:
+        yield
+
+
+def clip_grad_norm(params: list[Tensor], max_norm: float) -> float:
+    """``clip_grad_norm_`` over all ranks' gradients (FSDP2's are sharded ``DTensor``s); the total norm."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def eval_assignment(num_batches: int, ctx: DistContext) -> list[tuple[int, bool]]:
+    """The evaluation batches of this rank as ``(index, counts)``: round-robin over ranks, padded so
+    every rank runs the same number of forwards (FSDP2's collectives need it); padding repeats
+    batch 0 and does not count."""
+    per_rank = math.ceil(num_batches / ctx.world_size)
+    indices = [ctx.rank + i * ctx.world_size for i in range(per_rank)]
+    return [(i, True) if i < num_batches else (0, False) for i in indices]
+
+
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def _sibling(directory: Path, suffix: str) -> Path:
+    return directory.with_name(f".{directory.name}.{suffix}")
+
+
+def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
+                    ctx: DistContext) -> None:
+    """Write a DCP checkpoint of model + optimizer and ``meta.pt`` (rank 0's ``meta``) to ``directory``.
+
+    Atomic: everything goes to ``.<name>.tmp`` first (``meta.pt`` last, itself atomically);
+    rank 0 then renames the old directory to ``.<name>.old``, the new one into place and deletes
+    the old. :func:`restore_interrupted_save` completes a save cut between the two renames.
+    Every rank writes its own shards: ``directory`` must be on a file system all ranks share.
+    """
+    import torch.distributed.checkpoint as dcp
+    tmp, old = _sibling(directory, "tmp"), _sibling(directory, "old")
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ctx.barrier()
+    dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp)  # returns once every rank has written
+    if ctx.is_main:
+        with atomic_path(tmp / META_FILE) as meta_tmp:
+            torch.save(meta, meta_tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
+
+
+def restore_interrupted_save(directory: Path, ctx: DistContext) -> bool:
+    """Finish or undo a :func:`save_checkpoint` that a crash interrupted; whether ``directory`` now exists.
+
+    A complete ``.tmp`` (its ``meta.pt`` is written last) is the newest checkpoint; otherwise
+    ``.old`` is the previous one; an incomplete ``.tmp`` is discarded.
+    """
+    tmp, old = _sibling(directory, "tmp"), _sibling(directory, "old")
+    if ctx.is_main:
+        if not directory.exists():
+            if (tmp / META_FILE).exists():
+                os.replace(tmp, directory)
+            elif old.exists():
+                os.replace(old, directory)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
+    return directory.exists()
+
+
+def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load the DCP model + optimizer state of ``directory`` into the (wrapped) ``model`` and its
+    ``optimizer``, resharding as needed: any world size, DDP or FSDP2, may read any checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    state = _state_dicts(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=directory)
+    except Exception as exc:  # DCP wraps per-rank failures in CheckpointException
+        raise ValueError(f"distributed checkpoint {directory} is corrupt or does not fit this model "
+                         f"({type(exc).__name__}: {exc}); it was left untouched") from exc
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_state_dict(model: nn.Module, ctx: DistContext) -> dict[str, Tensor]:
+    """The whole model's state on rank 0's CPU (gathered from FSDP2 shards); ``{}`` on other ranks."""
+    if not ctx.enabled:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_safetensors(model: nn.Module, skeleton: Callable[[], nn.Module], path: Path, ctx: DistContext,
+                       metadata: Optional[dict[str, str]] = None) -> None:
+    """Write the merged dense model (``slcompile.merge``: every ``SLLinear`` becomes an ``nn.Linear``
+    holding ``W``) as one ``safetensors`` file, from rank 0; collective (every rank must call it).
+
+    ``skeleton()`` builds the unwrapped architecture (it runs on the meta device: no memory);
+    the gathered state is assigned into it, merged and saved atomically.
+    """
+    from safetensors.torch import save_model
+
+    from slcompile.transform import merge
+    state = full_state_dict(model, ctx)
+    if ctx.is_main:
+        with torch.device("meta"):
+            dense = skeleton()
+        dense.load_state_dict(state, assign=True)
+        dense = merge(dense)
+        with atomic_path(path) as tmp:
+            save_model(dense, str(tmp), metadata=metadata, force_contiguous=True)
+    ctx.barrier()
+

@@ -1,0 +1,240 @@
+"""Data-parallel training on 2 CPU ranks (gloo, torchrun in a subprocess, bounded in time).
+
+DDP and FSDP2 reproduce the single-process losses on the same global batch; a distributed
+checkpoint written by 2 ranks resumes on 1 and on 2; a rank whose sparse support differs is
+caught at start-up; the exported safetensors file is the merged dense model.
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slcompile import distributed
+from slcompile.distributed import DistContext
+from slcompile.train import TrainConfig, build_model, evaluate, train
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+TIMEOUT_S = 180
+# Fp32 tolerance on losses: 2 ranks sum gradients in another order than one process (seen: ~1e-6).
+TOL = 2e-5
+TINY = {"model": "llama-tiny", "corpora": ("wiki",), "vocab_size": 512, "batch_size": 4, "seq_len": 32,
+        "log_every": 1, "eval_every": 3, "checkpoint_every": 3, "lr": 3e-3, "progress": False,
+        "grad_accum": 2, "clip": 0.5}  # both: ranks skip the sync of the first micro-batch, FSDP2 clips DTensors
+PLAIN = {"grad_accum": 1, "clip": None}
+
+
+def _cli(steps: int, **overrides) -> list[str]:
+    settings = {**TINY, "steps": steps, "threads": 1, **overrides}
+    args = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if key == "progress":
+            args += [] if value else ["--no-progress"]
+        elif value is True:
+            args.append(flag)
+        else:
+            args += [flag, ",".join(value) if isinstance(value, tuple) else str(value)]
+    return args
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int, args: list[str], cache: Path, fault: str = "") -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node nproc`` of ``slcompile.train`` (through ``rank_main.py`` when a fault
+    is injected); the whole process group is killed after ``TIMEOUT_S``."""
+    env = {**os.environ, "SLCOMPILE_CACHE": str(cache), "OMP_NUM_THREADS": "1", "SLCOMPILE_TEST_FAULT": fault,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    target = [str(HERE / "rank_main.py")] if fault else ["-m", "slcompile.train"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *target, *args]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{nproc}-rank run exceeded {TIMEOUT_S} s:\n{output[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, output)
+
+
+def _check(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-4000:]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    records = [r for r in _records(run_dir) if "loss" in r]
+    assert len({r["step"] for r in records}) == len(records), "a step was logged twice"
+    return {r["step"]: r["loss"] for r in records}
+
+
+def _max_diff(a: dict[int, float], b: dict[int, float]) -> float:
+    assert a.keys() == b.keys()
+    return max(abs(a[k] - b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "slcompile-cache"
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cache):
+    """The one-process reference: 6 steps, checkpoints at 3 and 6, exported."""
+    out = tmp_path_factory.mktemp("single")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLCOMPILE_CACHE", str(cache))
+        summary = train(TrainConfig(**TINY, steps=6, export=True, out=str(out)))
+    return out, summary
+
+
+# ---- cheap, in-process ---------------------------------------------------------------------------
+
+def test_local_batch_is_the_rank_slice_and_needs_a_divisible_batch():
+    inputs, targets = torch.arange(8).view(4, 2), torch.arange(8).view(4, 2) + 1
+    local = DistContext("ddp", rank=1, world_size=2).local_batch((inputs, targets))
+    assert torch.equal(local[0], inputs[2:]) and torch.equal(local[1], targets[2:])
+    with pytest.raises(ValueError, match="--batch-size 4 must be divisible by the world size 3"):
+        DistContext("ddp", rank=0, world_size=3).local_batch((inputs, targets))
+
+
+def test_eval_batches_are_shared_out_evenly():
+    per_rank = [distributed.eval_assignment(5, DistContext("fsdp2", rank=r, world_size=2)) for r in (0, 1)]
+    assert per_rank == [[(0, True), (2, True), (4, True)], [(1, True), (3, True), (0, False)]]
+    assert distributed.eval_assignment(3, DistContext()) == [(0, True), (1, True), (2, True)]
+
+
+def test_parallel_needs_torchrun_and_torchrun_needs_parallel(tmp_path, monkeypatch):
+    for name in distributed.TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="needs the torchrun environment"):
+        train(TrainConfig(**TINY, steps=1, parallel="ddp", out=str(tmp_path)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="without --parallel"):
+        train(TrainConfig(**TINY, steps=1, out=str(tmp_path)))
+    with pytest.raises(ValueError, match="--parallel must be one of none, ddp, fsdp2"):
+        TrainConfig(parallel="tp")
+
+
+def test_single_process_refuses_a_distributed_checkpoint(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    with pytest.raises(ValueError, match="holds a distributed checkpoint.*under torchrun"):
+        train(TrainConfig(**TINY, steps=1, out=str(tmp_path)))
+
+
+@pytest.mark.parametrize("tmp_complete, old_exists, current_exists, expect", [
+    (True, True, False, "new"),    # cut between the two renames: the complete new one wins
+    (True, False, False, "new"),   # first checkpoint, cut before its rename
+    (False, True, False, "old"),   # cut while writing the new one: keep the previous one
+    (False, False, True, "cur"),   # cut while writing: the current one stays, the partial one goes
+    (False, False, False, None),   # nothing complete: start over
+])
+def test_an_interrupted_save_is_completed_or_undone(tmp_path, tmp_complete, old_exists, current_exists, expect):
+    directory = tmp_path / "checkpoint"
+    tmp, old = tmp_path / ".checkpoint.tmp", tmp_path / ".checkpoint.old"
+    for path, tag, exists in ((tmp, "new", True), (old, "old", old_exists), (directory, "cur", current_exists)):
+        if exists:
+            path.mkdir()
+            (path / "tag").write_text(tag)
+    if tmp_complete:
+        (tmp / distributed.META_FILE).write_bytes(b"")
+    assert distributed.restore_interrupted_save(directory, DistContext()) == (expect is not None)
+    assert not tmp.exists() and not old.exists()
+    assert (directory / "tag").read_text() == expect if expect else not directory.exists()
+
+
+def test_support_checksum_follows_each_layer_support():
+    model, _, _ = build_model(TrainConfig(**TINY), vocab_size=512)
+    before = distributed.support_checksum(model)
+    assert len(before) == 14 and len(set(before.values())) == 14  # 2 layers x 7 linears, all distinct
+    model.get_submodule("layers.1.mlp.up_proj").support[3] += 1
+    after = distributed.support_checksum(model)
+    assert [name for name in before if before[name] != after[name]] == ["layers.1.mlp.up_proj"]
+
+
+# ---- 2 ranks on the CPU (gloo) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_ranks_match_one_process(parallel, single, cache, tmp_path):
+    ref_dir, ref_summary = single
+    result = torchrun(2, _cli(6, parallel=parallel, export=True, out=tmp_path), cache)
+    _check(result)
+    assert _max_diff(_losses(tmp_path), _losses(ref_dir)) < TOL
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and abs(summary["val_loss"] - ref_summary["val_loss"]) < TOL
+    assert summary["trainable_params"] == ref_summary["trainable_params"]
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    from safetensors.torch import load_file
+    mine, ref = load_file(tmp_path / "model.safetensors"), load_file(ref_dir / "model.safetensors")
+    assert mine.keys() == ref.keys()
+    assert max(float((mine[k] - ref[k]).abs().max()) for k in ref) < TOL
+
+
+def test_checkpoint_of_two_ranks_resumes_on_one_and_on_two(single, cache, tmp_path):
+    ref_dir, _ = single
+    crashed = tmp_path / "crashed"
+    result = torchrun(2, _cli(6, parallel="fsdp2", out=crashed), cache, fault="crash-after:3")
+    assert result.returncode != 0 and not (crashed / "summary.json").exists(), result.stdout[-4000:]
+    assert max(_losses(crashed)) == 3
+    for nproc, parallel in ((1, "ddp"), (2, "fsdp2")):
+        run = tmp_path / f"resumed-{nproc}-{parallel}"
+        shutil.copytree(crashed, run)
+        _check(torchrun(nproc, _cli(6, parallel=parallel, export=True, out=run), cache))
+        losses = _losses(run)
+        assert sorted(losses) == list(range(1, 7))
+        assert _max_diff(losses, _losses(ref_dir)) < TOL, (nproc, parallel)
+    # The export is the merged dense model: plain nn.Linear weights, same validation loss.
+    from safetensors.torch import load_model
+    cfg = TrainConfig(**TINY, steps=6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLCOMPILE_CACHE", str(cache))
+        from slcompile.data import load_text_data
+        data = load_text_data(cfg.corpora, cfg.vocab_size, seq_len=cfg.seq_len)
+    from slcompile import merge
+    dense = merge(build_model(cfg, data.vocab_size)[0])
+    assert not any(n.endswith((".A", ".values", ".support")) for n in dense.state_dict())
+    load_model(dense, run / "model.safetensors")
+    summary = json.loads((run / "summary.json").read_text())
+    assert math.isclose(evaluate(dense, data.val[:cfg.eval_rows], cfg.batch_size, torch.float32),
+                        summary["val_loss"], abs_tol=1e-4)
+
+
+def test_support_mismatch_is_detected(cache, tmp_path):
+    result = torchrun(2, _cli(2, parallel="ddp", out=tmp_path), cache, fault="support")
+    assert result.returncode != 0
+    assert "the sparse support of SLLinear 'layers.0.self_attn.q_proj' differs across ranks" in result.stdout
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_ranks_match_one_process_for_20_steps(parallel, cache, tmp_path):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLCOMPILE_CACHE", str(cache))
+        train(TrainConfig(**{**TINY, **PLAIN, "checkpoint_every": 20, "eval_every": 10}, steps=20,
+                          out=str(tmp_path / "one")))
+    _check(torchrun(2, _cli(20, **PLAIN, checkpoint_every=20, eval_every=10, parallel=parallel, out=tmp_path / "two"),
+                    cache))
+    diff = _max_diff(_losses(tmp_path / "two"), _losses(tmp_path / "one"))
+    print(f"{parallel}: max |loss difference| over 20 steps = {diff:.2e}")
+    assert diff < TOL
