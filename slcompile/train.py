@@ -77,7 +77,9 @@ class TrainConfig:
     progress: bool = True
     parallel: str = "none"  # "ddp" / "fsdp2" under torchrun
     export: bool = False  # write model.safetensors (merged dense model) at the end
-
+    per_layer: bool = False  # AdamW fused into backward (slcompile.optim), gradients freed per parameter
+    state_bits: int = 32  # 32, or 8 / 4 for torchao quantized AdamW states
+    int8_weights: bool = False  # SLTrain A, B, values stored as int8 (stochastic rounding)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -102,6 +104,17 @@ class TrainConfig:
             raise ValueError(f"--clip must be > 0, got {self.clip!r}")
         if self.seq_len is not None and self.seq_len < 1:
             raise ValueError(f"--seq-len must be >= 1, got {self.seq_len!r}")
+        if self.state_bits not in (32, 8, 4):
+            raise ValueError(f"--state-bits must be 32, 8 or 4, got {self.state_bits!r}")
+        if self.int8_weights and self.method != "sltrain":
+            raise ValueError("--int8-weights stores SLTrain's A, B and values: it needs --method sltrain")
+        if self.parallel != "none" and self.uses_memory_stack:
+            # Per-layer hooks fire before DDP's all-reduce and never on FSDP2's sharded gradients.
+            raise ValueError("--per-layer, --state-bits and --int8-weights are not supported with --parallel yet")
+
+    @property
+    def uses_memory_stack(self) -> bool:
+        return self.per_layer or self.state_bits != 32 or self.int8_weights
 
     @property
     def warmup_steps(self) -> int:
@@ -282,8 +295,8 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict:
     batches = BatchIterator(train_rows, cfg.batch_size, seed=cfg.seed)
     distributed.verify_supports(model, ctx)
     model = distributed.wrap(model.to(device), ctx)
+    optimizer = build_optimizer(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     dtype = DTYPES[cfg.dtype]
 
@@ -321,23 +334,32 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict:
 
     for step in range(start, cfg.steps):
         began = time.perf_counter()
-        loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            inputs, targets = ctx.local_batch(next(batches))
-            with distributed.gradient_sync(model, micro == cfg.grad_accum - 1):
-                loss = model(inputs, targets)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach())
+        micro_batches = [ctx.local_batch(next(batches)) for _ in range(cfg.grad_accum)]
+
+        def forward_backward() -> float:
+            """All micro-batches of one update; the mean loss (run twice by two-pass clipping)."""
+            loss_sum = 0.0
+            for micro, (inputs, targets) in enumerate(micro_batches):
+                with distributed.gradient_sync(model, micro == cfg.grad_accum - 1):
+                    loss = model(inputs, targets)
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += float(loss.detach())
+            return loss_sum / cfg.grad_accum
+
         grad_norm = None
-        if cfg.clip is not None:
-            grad_norm = distributed.clip_grad_norm(params, cfg.clip)
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        if cfg.per_layer and cfg.clip is not None:
+            mean_loss = optimizer.step(forward_backward)  # global-norm clipping inside backward: two passes
+        else:
+            mean_loss = forward_backward()  # per layer: parameters are updated during this backward
+            if cfg.clip is not None:
+                grad_norm = distributed.clip_grad_norm(params, cfg.clip)
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         train_time += time.perf_counter() - began
         tokens += tokens_per_step
-        loss_value = ctx.mean(loss_sum / cfg.grad_accum)
+        loss_value = ctx.mean(mean_loss)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower --lr (now {cfg.lr})")
         done = step + 1
@@ -383,6 +405,17 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict:
     return summary
 
 
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Plain ``torch.optim.AdamW``, or ``slcompile.optim`` when the memory stack is asked for."""
+    if not cfg.uses_memory_stack:
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay)
+    from slcompile import optim
+    return optim.build(model, lr=cfg.lr, weight_decay=cfg.weight_decay, per_layer=cfg.per_layer,
+                       state_bits=cfg.state_bits, accumulation_steps=cfg.grad_accum if cfg.per_layer else 1,
+                       max_grad_norm=cfg.clip if cfg.per_layer else None, int8_weights=cfg.int8_weights)
+
+
 def _state_bytes(params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> int:
     """Bytes of parameters + one gradient each + optimizer state tensors."""
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
@@ -395,16 +428,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = argparse.ArgumentParser(prog="python -m slcompile.train", description=__doc__.split("\n\n")[0])
     defaults = TrainConfig()
     for f in fields(TrainConfig):
-        if f.name == "extra":
-            continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if f.name == "corpora":
             parser.add_argument(flag, default=",".join(default), help="comma-separated corpus names")
-        elif f.name == "progress":
-            parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-        elif f.name == "export":
-            parser.add_argument(flag, action="store_true", help="write model.safetensors (merged dense model)")
+        elif isinstance(default, bool):  # --export, --per-layer, --int8-weights; --no-progress
+            parser.add_argument("--no-" + flag[2:] if default else flag, dest=f.name,
+                                action="store_false" if default else "store_true")
         elif f.name == "parallel":
             parser.add_argument(flag, default=default, choices=PARALLEL_MODES,
                                 help="data parallelism under torchrun (gloo on CPU, NCCL on GPU)")

@@ -125,3 +125,23 @@ def test_sweep_picks_the_lowest_loss_and_compare_writes_the_table(tmp_path):
     rows = compare([tmp_path / "sweep" / "full-lr0.01", tmp_path / "sweep" / "sltrain-lr0.01"], tmp_path / "cmp")
     assert rows[0]["ppl_vs_full"] == 1.0 and rows[1]["linear_params_vs_full"] < 1
     assert {p.name for p in (tmp_path / "cmp").iterdir()} == {"table.md", "table.json", "val_curves.png"}
+
+
+def test_per_layer_optimizer_in_the_loop_equals_plain_adamw(tmp_path):
+    """Accumulation and global-norm clipping (two-pass) through the CLI's loop: same losses."""
+    common = dict(TINY, method="sltrain", steps=5, grad_accum=2, clip=0.5, lr=1e-2)
+    train(TrainConfig(**common, out=str(tmp_path / "plain")))
+    train(TrainConfig(**common, per_layer=True, out=str(tmp_path / "per_layer")))
+    plain, per_layer = _losses(tmp_path / "plain"), _losses(tmp_path / "per_layer")
+    assert [s for s, _ in per_layer] == [1, 2, 3, 4, 5]
+    for (_, a), (_, b) in zip(plain, per_layer):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_memory_stack_flags_are_validated():
+    with pytest.raises(ValueError, match="--state-bits must be 32, 8 or 4"):
+        TrainConfig(state_bits=16)
+    with pytest.raises(ValueError, match="--int8-weights .* needs --method sltrain"):
+        TrainConfig(method="full", int8_weights=True)
+    with pytest.raises(ValueError, match="not supported with --parallel"):
+        TrainConfig(per_layer=True, parallel="ddp")
