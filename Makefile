@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-extra.txt 2>/dev/null | cksum | cut -d' ' -f1)
 export TORCHAO_FORCE_SKIP_LOADING_SO_FILES := 1
 
-.PHONY: install test test-dev demo bench clean
+.PHONY: install test test-dev demo quality quickstart bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,15 @@ test-dev: $(STAMP)
 	HYPOTHESIS_PROFILE=dev SLCOMPILE_SLOW=1 $(BIN)/python -m pytest -q
 
 demo: $(STAMP)
+	$(BIN)/python -m slcompile.demo
+
+# The long run (>= 10 tokens per parameter; about an hour on 2 cores), not part of CI.
+quality: $(STAMP)
+	$(BIN)/python -m slcompile.demo --preset quality --methods sltrain,full,lowrank --jobs 3
+	mkdir -p benchmarks/results/quality && cp runs/quality/table.* runs/quality/val_curves.png benchmarks/results/quality/
+	for m in sltrain full lowrank; do cp runs/quality/$$m/metrics.jsonl benchmarks/results/quality/$$m.metrics.jsonl; done
+
+quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
 bench: $(STAMP)

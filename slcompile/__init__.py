@@ -9,6 +9,7 @@ from slcompile.config import SLConfig
 from slcompile.layers import SLLinear, reset_sl_parameters
 from slcompile.memory import param_count
 from slcompile.transform import TransformReport, merge, transform
+from slcompile import kernels  # noqa: E402,F401  (CUDA Triton implementations of the ops; after ops)
 
 __all__ = ["SLConfig", "SLLinear", "TransformReport", "merge", "param_count", "reset_sl_parameters", "transform"]
 __version__ = "0.1.0"

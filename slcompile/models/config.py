@@ -40,6 +40,9 @@ CONFIGS: dict[str, LlamaConfig] = {
                               max_seq_len=64, rank=16, alpha=4.0),
     "llama-mini": LlamaConfig(vocab_size=4096, dim=128, intermediate_size=344, n_heads=4, n_layers=4,
                               max_seq_len=128, rank=32, alpha=8.0),
+    # The long CPU quality run: small enough for >= 10 training tokens per parameter in an hour.
+    "llama-micro": LlamaConfig(vocab_size=1024, dim=96, intermediate_size=256, n_heads=4, n_layers=4,
+                               max_seq_len=128, rank=24, alpha=6.0),
     "llama-60m": LlamaConfig(dim=512, intermediate_size=1376, n_heads=8, n_layers=8, rank=128, alpha=32.0),
     "llama-130m": LlamaConfig(dim=768, intermediate_size=2048, n_heads=12, n_layers=12, rank=256, alpha=16.0),
     "llama-350m": LlamaConfig(dim=1024, intermediate_size=2736, n_heads=16, n_layers=24, rank=256, alpha=16.0),

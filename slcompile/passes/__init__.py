@@ -3,7 +3,14 @@
 - :func:`rewrite_linears` (:mod:`slcompile.passes.linear_rewrite`): rewrite the eligible linear nodes
   of a ``torch.fx.GraphModule`` (``symbolic_trace`` or ``torch.export(...).module()``) into
   ``slcompile::sl_linear``, with the same selection and supports as :func:`slcompile.transform`.
+- :class:`SLTrainPatternPass` (:mod:`slcompile.passes.pattern_sltrain`): on a Dynamo graph, an
+  SLTrain product written with plain torch ops (``F.linear(x, s * B @ A + scatter(values))``)
+  becomes one ``slcompile::sl_linear`` (used by the ``slcompile`` backend before AOTAutograd).
+- :class:`FuseSharedInputPass` (:mod:`slcompile.passes.fuse_shared_input`): Inductor post-grad pass
+  fusing ``sl_linear`` calls that read the same input (q/k/v, gate/up) into one GEMM.
 """
+from slcompile.passes.fuse_shared_input import FuseSharedInputPass
 from slcompile.passes.linear_rewrite import rewrite_linears
+from slcompile.passes.pattern_sltrain import SLTrainPatternPass
 
-__all__ = ["rewrite_linears"]
+__all__ = ["FuseSharedInputPass", "SLTrainPatternPass", "rewrite_linears"]

@@ -1,0 +1,138 @@
+"""The ``slcompile`` ``torch.compile`` backend: Inductor (``compile_fx``) plus our passes.
+
+    model = torch.compile(model, backend="slcompile")                      # entry point: no import needed
+    model = torch.compile(model, backend="slcompile", options={"fuse_shared_input": False})
+    model = torch.compile(model, backend=slcompile.backend.make_backend(fuse_shared_input=False))
+
+``torch.compile`` hands a custom backend its ``options`` dict (and ``mode``) as keyword
+arguments. Our options (:data:`DEFAULT_OPTIONS`):
+
+- ``pattern_sltrain`` (bool, default True): :class:`~slcompile.passes.pattern_sltrain.SLTrainPatternPass`
+  on the Dynamo graph, before AOTAutograd: SLTrain products written with plain torch ops become
+  ``slcompile::sl_linear`` (whose autograd saves only ``x``).
+- ``fuse_shared_input`` (bool, default False): :class:`~slcompile.passes.fuse_shared_input.FuseSharedInputPass`
+  as Inductor's ``post_grad_custom_post_pass``: ``sl_linear`` calls reading the same input
+  (q/k/v, gate/up) share one GEMM in the forward graph. Off by default: on CPU
+  (``benchmarks/layer_bench.py``) its time was within noise of the unfused graph (0.94-1.10x)
+  while the concatenated ``W`` raised the fwd+bwd peak by 8-20% of dense; on a GPU it saves
+  kernel launches at small token counts (not measured yet).
+- ``fuse_min_group`` (int >= 2, default 2): smallest group the fusion pass fuses.
+
+Every other key is an Inductor config option (``torch._inductor.list_options()``), applied with
+``compile_fx(config_patches=...)`` for this compilation only (also for the backward graph,
+compiled later); ``mode`` adds ``torch._inductor.list_mode_options(mode)``. The global Inductor
+config is never modified; a ``post_grad_custom_post_pass`` already configured runs before ours.
+
+Report: :func:`last_report` returns what the passes did in the latest compilation (counts per
+pass, notes on near-misses), updated when the backward graph is compiled; each report is also
+logged on the ``slcompile.backend`` logger (INFO). With Inductor's FX graph cache a cache hit
+skips the post-grad passes (their counts stay 0): pass ``{"fx_graph_cache": False}`` to see them.
+The post-grad pass has ``uuid()`` = hash of its source and options, so cache entries never mix
+options.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import fx
+
+import slcompile.kernels  # noqa: F401  (registers the CUDA Triton kernels of the custom ops)
+from slcompile import ops  # noqa: F401  (registers the slcompile:: custom ops)
+from slcompile.passes.fuse_shared_input import FuseSharedInputPass
+from slcompile.passes.pattern_sltrain import SLTrainPatternPass
+
+__all__ = ["DEFAULT_OPTIONS", "BackendReport", "last_report", "make_backend", "post_grad_passes", "slcompile_backend"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPTIONS: dict[str, Any] = {"pattern_sltrain": True, "fuse_shared_input": False, "fuse_min_group": 2}
+
+
+@dataclass
+class BackendReport:
+    """What one ``slcompile`` compilation did. ``passes`` maps a pass name to its object, whose
+    ``counts`` (rewrites, graphs seen) and ``notes`` (near-misses and why) fill in as the
+    forward, and later the backward, graph go through it."""
+
+    options: dict[str, Any]
+    inductor_options: dict[str, Any]
+    passes: dict[str, Any] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {name: dict(p.counts) for name, p in self.passes.items()}
+
+    def notes(self) -> dict[str, list[str]]:
+        return {name: list(p.notes) for name, p in self.passes.items()}
+
+    def __str__(self) -> str:
+        lines = [f"slcompile backend: options {self.options}"]
+        for name, p in self.passes.items():
+            lines.append(f"  {name}: {dict(p.counts) or 'did not run (cache hit?)'}")
+            lines += [f"    - {note}" for note in p.notes]
+        return "\n".join(lines)
+
+
+_last: BackendReport | None = None
+
+
+def last_report() -> BackendReport | None:
+    """The report of the latest ``slcompile`` compilation in this process (None before any)."""
+    return _last
+
+
+def _split_options(options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    ours, inductor = dict(DEFAULT_OPTIONS), {}
+    for key, value in (options or {}).items():
+        (ours if key in DEFAULT_OPTIONS else inductor)[key] = value
+    for key in ("pattern_sltrain", "fuse_shared_input"):
+        if not isinstance(ours[key], bool):
+            raise ValueError(f"slcompile option {key!r} must be a bool, got {ours[key]!r}")
+    return ours, inductor
+
+
+def post_grad_passes(options: dict[str, Any] | None = None) -> list:
+    """The Inductor post-grad ``CustomGraphPass`` objects that ``options`` turn on."""
+    ours, _ = _split_options(options)
+    return [FuseSharedInputPass(ours["fuse_min_group"])] if ours["fuse_shared_input"] else []
+
+
+def slcompile_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict[str, Any] | None = None,
+                      mode: str | None = None) -> Callable:
+    """``torch.compile`` backend: our pre-AOTAutograd pass, then ``compile_fx`` with our post-grad pass."""
+    global _last
+    from torch._inductor import config as inductor_config, list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.custom_graph_pass import get_custom_graph_passes
+
+    ours, inductor = _split_options(options)
+    patches = {**(list_mode_options(mode) if mode else {}), **inductor}
+    report = BackendReport(ours, dict(inductor))
+    if ours["pattern_sltrain"]:
+        pattern = report.passes["pattern_sltrain"] = SLTrainPatternPass()
+        pattern(gm.graph)
+        if pattern.counts["sl_linear"]:
+            gm.graph.lint()
+            gm.recompile()
+    post = post_grad_passes(ours)
+    if post:
+        report.passes["fuse_shared_input"] = post[0]
+        existing = patches.get("post_grad_custom_post_pass", inductor_config.post_grad_custom_post_pass)
+        patches["post_grad_custom_post_pass"] = [*get_custom_graph_passes(existing), *post]
+    _last = report
+    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    log.info("%s", report)
+    return compiled
+
+
+def make_backend(**options: Any) -> Callable:
+    """A backend callable with ``options`` bound: ``torch.compile(model, backend=make_backend(...))``."""
+    _split_options(options)  # validate now, not at the first call
+
+    def backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
+        merged = {**options, **(kwargs.pop("options", None) or {})}
+        return slcompile_backend(gm, example_inputs, options=merged, **kwargs)
+
+    backend.__name__ = "slcompile"
+    return backend

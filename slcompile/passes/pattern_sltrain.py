@@ -1,0 +1,343 @@
+"""FX pass: recognize SLTrain written with ordinary torch ops and call ``slcompile::sl_linear``.
+
+Where it runs: on the **Dynamo graph** (torch-level ops, before AOTAutograd), inside the
+``slcompile`` backend (:mod:`slcompile.backend`) before ``compile_fx``; so the registered
+autograd of ``sl_linear`` applies (only ``x`` saved, ``W`` recomputed in backward) instead of
+whatever autograd would save for the hand-written product (``W`` and an int64 index).
+
+Recognized, with ``s`` any product/quotient of Python numbers (``s`` on ``A``, on ``B`` or on the
+product, any number of times), ``@`` any of ``operator.matmul`` / ``torch.mm`` / ``torch.matmul``
+/ ``.mm`` / ``.matmul`` on 2-D operands, ``flat(.)`` a ``view(-1)`` / ``reshape(-1)`` /
+``flatten()`` and ``unflat(.)`` any ``view`` / ``reshape`` / ``view_as`` back to ``(out, in)``::
+
+    L = s * B @ A                                    # B (out, r), A (r, in)
+    W = unflat(scatter(flat(L), idx, values))        # form 1: add into the low-rank product
+    W = L + unflat(scatter(zeros(out * in), idx, values))   # form 2: separate dense S (either order)
+    y = F.linear(x, W, bias)   or   y = x @ W.t()  (.T, .mT, .transpose(0, 1), .permute(1, 0))
+
+where ``scatter(t, idx, v)`` is an accumulating scatter along dim 0 with a 1-D integer ``idx`` and
+1-D ``v`` of the same length: ``t.index_add(0, idx, v)`` (no ``alpha``), ``t.index_put((idx,), v,
+accumulate=True)`` or ``t.scatter_add(0, idx, v)`` (method or ``torch.`` function), and
+``zeros`` is ``torch.zeros`` / ``zeros_like`` / ``new_zeros``. Accumulation makes the forms equal
+to ``sl_linear`` for any index in ``[0, out * in)`` (repeated positions add up in both; negative
+indices, which ``index_put`` wraps, are not supported by the op). A widening ``.long()`` /
+``.to(torch.int64)`` of an int32 index is dropped (the op takes int32 as is).
+
+A match becomes ``sl_linear(x, A, B, values, idx, s, bias)`` and the matched nodes are erased.
+Left alone (counted in ``notes``): intermediate results used elsewhere (``W`` returned or read
+twice would then be computed twice), dtype mismatches, in-place scatters (``index_add_``: a
+mutation Dynamo keeps as a side effect), non-accumulating ``index_put``, linears under autocast
+(``sl_linear`` does no autocast, so the output dtype would change), symbolic shapes that cannot
+be proven equal.
+"""
+from __future__ import annotations
+
+import collections
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+__all__ = ["SLTrainPatternPass"]
+
+SL_LINEAR = torch.ops.slcompile.sl_linear.default
+
+# Normalized names of the torch-level calls Dynamo records (call_function targets and call_method names).
+_FUNCTIONS = {
+    operator.matmul: "matmul", torch.matmul: "matmul", torch.mm: "matmul",
+    operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div", torch.true_divide: "div",
+    operator.add: "add", torch.add: "add",
+    torch.reshape: "reshape", torch.flatten: "flatten",
+    torch.index_add: "index_add", torch.index_put: "index_put", torch.scatter_add: "scatter_add",
+    torch.zeros: "zeros", torch.zeros_like: "zeros",
+    torch.nn.functional.linear: "linear", torch.t: "t", torch.transpose: "transpose", torch.permute: "permute",
+}
+_METHODS = {
+    "matmul": "matmul", "mm": "matmul", "__matmul__": "matmul",
+    "mul": "mul", "__mul__": "mul", "__rmul__": "mul", "div": "div", "__truediv__": "div",
+    "add": "add", "__add__": "add", "__radd__": "add",
+    "view": "reshape", "reshape": "reshape", "view_as": "reshape", "flatten": "flatten",
+    "index_add": "index_add", "index_put": "index_put", "scatter_add": "scatter_add",
+    "index_add_": "inplace", "index_put_": "inplace", "scatter_add_": "inplace",
+    "new_zeros": "zeros", "t": "t", "transpose": "transpose", "permute": "permute",
+    "long": "to_int", "to": "to_int",
+}
+_AUTOCAST = {torch.amp.autocast_mode._enter_autocast: 1, torch.amp.autocast_mode._exit_autocast: -1}
+
+
+def _kind(node) -> str | None:
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function":
+        if node.target is getattr and node.args[1] in ("T", "mT"):
+            return "t"
+        return _FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return _METHODS.get(node.target)
+    return None
+
+
+def _val(node):
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
+def _same(a, b) -> bool:
+    return statically_known_true(a == b)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class _NoMatch(Exception):
+    """Why a candidate linear is not an SLTrain product (a note for the report)."""
+
+
+@dataclass
+class _Match:
+    x: fx.Node
+    A: fx.Node
+    B: fx.Node
+    values: fx.Node
+    index: fx.Node
+    scale: float
+    bias: object
+    erase: list[fx.Node]  # matched nodes, consumer first: erased in this order once unused
+
+
+class SLTrainPatternPass(CustomGraphPass):
+    """Rewrite hand-written SLTrain linears of a Dynamo graph into ``slcompile::sl_linear``.
+
+    Call on ``gm.graph`` (then ``gm.recompile()``). ``counts['sl_linear']`` counts rewrites,
+    ``counts['graphs']`` graphs seen; ``notes`` says why near-misses were left alone.
+    """
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter = collections.Counter()
+        self.notes: list[str] = []
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files((__file__,), extra=type(self).__name__)
+
+    def __call__(self, graph: fx.Graph) -> None:
+        self.counts["graphs"] += 1
+        ambient = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+        depth = 0
+        for node in list(graph.nodes):
+            depth += _AUTOCAST.get(node.target, 0) if node.op == "call_function" else 0
+            consumer = _consumer(node)
+            if consumer is None:
+                continue
+            try:
+                match = _match(node, *consumer)
+                if ambient or depth > 0:
+                    raise _NoMatch("under autocast (sl_linear does no autocast)")
+            except _NoMatch as why:
+                if str(why):
+                    self.notes.append(f"{node.name}: {why}")
+                continue
+            _rewrite(graph, node, match)
+            self.counts["sl_linear"] += 1
+
+
+def _consumer(node: fx.Node) -> tuple[fx.Node, fx.Node, object, list[fx.Node]] | None:
+    """``(x, W, bias, extra nodes)`` if ``node`` is ``linear(x, W, bias)`` or ``x @ W.t()``."""
+    kind = _kind(node)
+    if kind == "linear":
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        return x, weight, bias, []
+    if kind == "matmul" and len(node.args) == 2 and not node.kwargs and _is_transpose(node.args[1]):
+        return node.args[0], node.args[1].args[0], None, [node.args[1]]
+    return None
+
+
+def _is_transpose(node) -> bool:
+    kind = _kind(node)
+    val = _val(node)
+    if kind is None or val is None or val.dim() != 2:
+        return False
+    rest = [a for a in node.args[1:] if a not in ("T", "mT")]
+    if node.kwargs:
+        return False
+    return (kind == "t" and not rest) or (kind == "transpose" and sorted(a % 2 for a in rest) == [0, 1]) or (
+        kind == "permute" and [a % 2 for a in (rest[0] if len(rest) == 1 else rest)] == [1, 0])
+
+
+def _single_use(node: fx.Node, what: str) -> fx.Node:
+    if not isinstance(node, fx.Node):
+        raise _NoMatch("")
+    users = [u for u in node.users if not _shape_only(u, node)]
+    if len(users) != 1:
+        raise _NoMatch(f"{what} ({node.name}) has {len(users)} users: rewriting would compute it twice")
+    return node
+
+
+def _shape_only(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` reads only ``node``'s shape (``t.view_as(node)``)."""
+    return user.op == "call_method" and user.target == "view_as" and user.args[0] is not node
+
+
+def _peel_views(node, chain: list[fx.Node]) -> fx.Node:
+    while _kind(node) in ("reshape", "flatten"):
+        chain.append(_single_use(node, "a view in the weight"))
+        node = node.args[0]
+    return node
+
+
+def _scatter(node, chain: list[fx.Node]) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """``(base, idx, values)`` of an accumulating dim-0 scatter ``node`` (after views)."""
+    node = _peel_views(node, chain)
+    kind = _kind(node)
+    if kind == "inplace":
+        raise _NoMatch(f"in-place scatter {node.target} is not rewritten")
+    args, kwargs = list(node.args), dict(node.kwargs)
+    if kind in ("index_add", "scatter_add"):
+        if len(args) != 4 or args[1] not in (0, -1) or kwargs:
+            raise _NoMatch("")
+        base, idx, values = args[0], args[2], args[3]
+    elif kind == "index_put":
+        if len(args) == 4 and "accumulate" not in kwargs:
+            kwargs["accumulate"] = args.pop()
+        one_index = len(args) == 3 and isinstance(args[1], (tuple, list)) and len(args[1]) == 1
+        if not one_index or kwargs != {"accumulate": True}:
+            raise _NoMatch(f"{node.name}: index_put is not an accumulating 1-index put")
+        base, idx, values = args[0], args[1][0], args[2]
+    else:
+        raise _NoMatch("")
+    chain.append(_single_use(node, "the scatter"))
+    idx_val, values_val, base_val = _val(idx), _val(values), _val(base)
+    if (idx_val is None or values_val is None or base_val is None or base_val.dim() != 1 or idx_val.dim() != 1
+            or values_val.dim() != 1 or idx_val.dtype not in (torch.int32, torch.int64)
+            or not _same(idx_val.shape[0], values_val.shape[0])):
+        raise _NoMatch(f"{node.name}: scatter operands are not a 1-D index and values of one length")
+    return base, _plain_index(idx, chain), values
+
+
+def _plain_index(idx: fx.Node, chain: list[fx.Node]) -> fx.Node:
+    """The int32/int64 tensor under widening casts of ``idx`` (``sl_linear`` takes int32 as is).
+
+    The casts join ``chain``: they are erased if nothing else uses them.
+    """
+    while _kind(idx) == "to_int" and isinstance(idx.args[0], fx.Node):
+        extra = list(idx.args[1:]) + list(idx.kwargs.values())
+        if idx.target not in ("long", "to") or (idx.target == "to" and extra != [torch.int64]):
+            break
+        source = _val(idx.args[0])
+        if source is None or source.dtype not in (torch.int32, torch.int64):
+            break
+        chain.append(idx)
+        idx = idx.args[0]
+    return idx
+
+
+def _low_rank(node, chain: list[fx.Node]) -> tuple[fx.Node, fx.Node, float]:
+    """``(B, A, s)`` of ``s * B @ A`` (after views)."""
+    node = _peel_views(node, chain)
+    node, scale = _scaled(node, chain)
+    if _kind(node) != "matmul" or len(node.args) != 2 or node.kwargs:
+        raise _NoMatch("")
+    chain.append(_single_use(node, "the low-rank product"))
+    left, s_left = _scaled(node.args[0], chain)
+    right, s_right = _scaled(node.args[1], chain)
+    b_val, a_val = _val(left), _val(right)
+    if b_val is None or a_val is None or b_val.dim() != 2 or a_val.dim() != 2:
+        raise _NoMatch(f"{node.name}: the product's operands are not 2-D")
+    return left, right, scale * s_left * s_right
+
+
+def _scaled(node, chain: list[fx.Node]) -> tuple[fx.Node, float]:
+    """Peel multiplications/divisions by Python numbers: ``(tensor node, factor)``."""
+    scale = 1.0
+    while _kind(node) in ("mul", "div") and len(node.args) == 2 and not node.kwargs:
+        a, b = node.args
+        if _kind(node) == "mul" and _is_number(a) and isinstance(b, fx.Node):
+            factor, inner = a, b
+        elif _is_number(b) and isinstance(a, fx.Node):
+            factor, inner = b, a
+            if _kind(node) == "div":
+                if factor == 0:
+                    break
+                factor = 1.0 / factor
+        else:
+            break
+        chain.append(_single_use(node, "a scaling"))
+        scale, node = scale * factor, inner
+    return node, scale
+
+
+def _match(consumer: fx.Node, x, weight, bias, extra: list[fx.Node]) -> _Match:
+    chain = [consumer, *extra]
+    for node in extra:
+        _single_use(node, "the transposed weight")
+    weight_val, x_val = _val(weight), _val(x)
+    if weight_val is None or x_val is None or weight_val.dim() != 2:
+        raise _NoMatch("")
+    _single_use(weight, "the weight")
+    top = _peel_views(weight, [])
+    if _kind(top) == "add" and len(top.args) == 2 and not top.kwargs:
+        _peel_views(weight, chain)
+        chain.append(_single_use(top, "the sum L + S"))
+        B, A, scale, idx, values = _form_two(top, chain)
+    else:
+        base, idx, values = _scatter(weight, chain)
+        B, A, scale = _low_rank(_flat(base, chain), chain)
+    out_f, in_f = _val(B).shape[0], _val(A).shape[1]
+    low = _val(B)
+    if not (_same(weight_val.shape[0], out_f) and _same(weight_val.shape[1], in_f)):
+        raise _NoMatch(f"{weight.name}: the weight is not viewed back to (out, in) = ({out_f}, {in_f})")
+    if not (low.dtype == _val(A).dtype == _val(values).dtype == x_val.dtype == weight_val.dtype):
+        raise _NoMatch(f"{consumer.name}: x, A, B, values differ in dtype")
+    return _Match(x, A, B, values, idx, float(scale), bias, chain)
+
+
+def _flat(base, chain: list[fx.Node]) -> fx.Node:
+    """The 2-D tensor that ``base`` flattens (``view(-1)`` / ``reshape(-1)`` / ``flatten()``)."""
+    if _kind(base) not in ("reshape", "flatten"):
+        raise _NoMatch("")
+    chain.append(_single_use(base, "the flattened product"))
+    source = base.args[0]
+    source_val = _val(source)
+    if source_val is None or source_val.dim() != 2:
+        raise _NoMatch(f"{base.name}: does not flatten a 2-D product")
+    return source
+
+
+def _form_two(top: fx.Node, chain: list[fx.Node]):
+    """``L + unflat(scatter(zeros, idx, values))`` in either order."""
+    reasons = []
+    for low, sparse in (top.args, top.args[::-1]):
+        trial = list(chain)
+        try:
+            base, idx, values = _scatter(sparse, trial)
+            if _kind(base) != "zeros":
+                raise _NoMatch("the scatter target is not zeros")
+            trial.append(_single_use(base, "the zeros"))
+            B, A, scale = _low_rank(low, trial)
+        except _NoMatch as why:
+            reasons.append(str(why))
+            continue
+        chain[:] = trial
+        return B, A, scale, idx, values
+    raise _NoMatch(next((r for r in reasons if r), ""))
+
+
+def _rewrite(graph: fx.Graph, consumer: fx.Node, match: _Match) -> None:
+    with graph.inserting_before(consumer):
+        args = (match.x, match.A, match.B, match.values, match.index, match.scale)
+        node = graph.call_function(SL_LINEAR, args + ((match.bias,) if match.bias is not None else ()))
+    node.meta.update({k: v for k, v in consumer.meta.items() if k in ("example_value", "val", "stack_trace",
+                                                                       "nn_module_stack", "source_fn_stack")})
+    consumer.replace_all_uses_with(node)
+    alive = list(match.erase)
+    while True:  # erase matched nodes once unused (a shape-only use may come later in the chain)
+        dead = [old for old in alive if not old.users]
+        if not dead:
+            break
+        for old in dead:
+            graph.erase_node(old)
+            alive.remove(old)

@@ -1,0 +1,251 @@
+"""SLTrainPatternPass on hand-built FX graphs (symbolic_trace + fake values, as Dynamo's graphs carry).
+
+Each case traces a module that writes SLTrain with ordinary ops, runs the pass, and checks the
+rewritten graph calls ``slcompile::sl_linear`` and computes the same outputs and gradients.
+"""
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from slcompile.passes.pattern_sltrain import SL_LINEAR, SLTrainPatternPass
+from slcompile.support import generate_support
+
+OUT, IN, RANK = 6, 10, 3
+
+
+class Hand(nn.Module):
+    """SLTrain written by hand; ``body(self, x)`` chooses the form.
+
+    The support is a graph input (as Dynamo passes buffers) so that casts of it are traced, and
+    zeros take their device from a tensor so that ``torch.zeros`` is traced too (symbolic_trace
+    would fold both into constants).
+    """
+
+    def __init__(self, body, bias=False, index_dtype=torch.int32):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.A = nn.Parameter(torch.randn(RANK, IN, generator=gen))
+        self.B = nn.Parameter(torch.randn(OUT, RANK, generator=gen))
+        self.values = nn.Parameter(torch.randn(12, generator=gen))
+        self.bias = nn.Parameter(torch.randn(OUT, generator=gen)) if bias else None
+        self.register_buffer("support", generate_support(OUT, IN, 12, 0).to(index_dtype))
+        self.scale = 0.75
+        self.body = body
+
+    def forward(self, x, support):
+        self.idx = support
+        return self.body(self, x)
+
+
+def traced(module: nn.Module, x: torch.Tensor) -> fx.GraphModule:
+    """``module`` traced, every node with its fake value in ``meta['val']``."""
+    gm = fx.symbolic_trace(module)
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(x, module.support)
+    return gm
+
+
+def run_pass(module: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, SLTrainPatternPass]:
+    gm = traced(module, x)
+    rewrite = SLTrainPatternPass()
+    rewrite(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, rewrite
+
+
+def sl_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.target is SL_LINEAR]
+
+
+def assert_same(module: nn.Module, gm: fx.GraphModule, x: torch.Tensor) -> None:
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref, got = module(x1, module.support), gm(x2, module.support)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    gots = got if isinstance(got, tuple) else (got,)
+    params = list(module.parameters())
+    grad = lambda outs, x: torch.autograd.grad(sum(o.sum() for o in outs), [x, *params],  # noqa: E731
+                                               allow_unused=True, materialize_grads=True)
+    ref_grads, got_grads = grad(refs, x1), grad(gots, x2)
+    for a, b in zip((*refs, *ref_grads), (*gots, *got_grads)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+# Ways to write each piece; the property test combines them.
+LOW_RANK = {
+    "scale_A": lambda m: m.B @ (m.scale * m.A),
+    "scale_B": lambda m: torch.mm(m.scale * m.B, m.A),
+    "scale_product": lambda m: (m.B @ m.A) * m.scale,
+    "div_mul": lambda m: torch.matmul(m.B, m.A) / 4 * (4 * m.scale),
+    "method": lambda m: m.B.mm(m.A).mul(m.scale),
+}
+INDEX = {
+    "as_is": lambda m: m.idx,
+    "long": lambda m: m.idx.long(),
+    "to_int64": lambda m: m.idx.to(torch.int64),
+}
+ADD_INTO = {  # form 1: scatter into the flattened product, view back
+    "index_add": lambda low, idx, v: low.view(-1).index_add(0, idx, v).view(OUT, IN),
+    "torch_index_add": lambda low, idx, v: torch.index_add(low.reshape(-1), 0, idx, v).reshape(OUT, IN),
+    "index_put": lambda low, idx, v: low.flatten().index_put((idx.long(),), v, accumulate=True).view_as(low),
+    "scatter_add": lambda low, idx, v: low.view(-1).scatter_add(0, idx.long(), v).view(OUT, IN),
+}
+SEPARATE = {  # form 2: a dense S added to the product
+    "zeros_index_add": lambda low, idx, v: low + torch.zeros(OUT * IN, device=v.device).index_add(0, idx, v)
+    .view(OUT, IN),
+    "zeros_first": lambda low, idx, v: torch.zeros(OUT * IN, device=v.device)
+    .index_put((idx.long(),), v, accumulate=True).view_as(low) + low,
+}
+CONSUMER = {
+    "linear": lambda x, w, b: F.linear(x, w, b),
+    "matmul_t": lambda x, w, b: x @ w.t(),
+    "matmul_T": lambda x, w, b: torch.matmul(x, w.T),
+    "transpose": lambda x, w, b: x @ w.transpose(0, 1),
+}
+
+
+@given(low=st.sampled_from(sorted(LOW_RANK)), index=st.sampled_from(sorted(INDEX)),
+       sparse=st.sampled_from(sorted(ADD_INTO) + sorted(SEPARATE)), consumer=st.sampled_from(sorted(CONSUMER)),
+       bias=st.booleans(), lead=st.sampled_from([(), (5,), (2, 3)]))
+def test_written_forms_become_sl_linear(low, index, sparse, consumer, bias, lead):
+    bias = bias and consumer == "linear"
+    combine = {**ADD_INTO, **SEPARATE}[sparse]
+
+    def body(m, x):
+        weight = combine(LOW_RANK[low](m), INDEX[index](m), m.values)
+        return CONSUMER[consumer](x, weight, m.bias)
+
+    module = Hand(body, bias=bias)
+    x = torch.randn(*lead, IN)
+    gm, rewrite = run_pass(module, x)
+    assert rewrite.counts["sl_linear"] == 1, rewrite.notes
+    (node,) = sl_nodes(gm)
+    assert node.args[5] == pytest.approx(0.75)
+    assert node.args[4].target == "support"  # the widening cast is dropped: the int32 input itself
+    assert [n.op for n in gm.graph.nodes].count("call_method") == 0  # every matched node is erased
+    assert_same(module, gm, x)
+
+
+def test_int64_index_buffer_and_two_linears_sharing_parameters():
+    def body(m, x):
+        w1 = (m.scale * m.B @ m.A).view(-1).index_add(0, m.idx, m.values).view(OUT, IN)
+        w2 = (m.B @ m.A).view(-1).index_add(0, m.idx, m.values).view(OUT, IN)
+        return F.linear(x, w1) + F.linear(torch.tanh(x), w2)
+
+    module = Hand(body, index_dtype=torch.int64)
+    gm, rewrite = run_pass(module, torch.randn(4, IN))
+    assert rewrite.counts["sl_linear"] == 2
+    assert sorted(n.args[5] for n in sl_nodes(gm)) == [0.75, 1.0]
+    assert_same(module, gm, torch.randn(4, IN))
+
+
+def _low(m):
+    return (m.B @ m.A) * m.scale
+
+
+def _weight(m, low=None):
+    return (_low(m) if low is None else low).view(-1).index_add(0, m.idx, m.values).view(OUT, IN)
+
+
+def weight_also_returned(m, x):
+    weight = _weight(m)
+    return F.linear(x, weight), weight
+
+
+def product_used_twice(m, x):
+    low = _low(m)
+    return F.linear(x, _weight(m, low)) + low.sum()
+
+
+def index_put_overwrites(m, x):
+    return F.linear(x, _low(m).flatten().index_put((m.idx.long(),), m.values).view(OUT, IN))
+
+
+def index_add_alpha(m, x):
+    return F.linear(x, _low(m).view(-1).index_add(0, m.idx, m.values, alpha=2.0).view(OUT, IN))
+
+
+def tensor_scale(m, x):
+    return F.linear(x, _weight(m, (m.B @ m.A) * m.values[0]))
+
+
+def no_sparse_term(m, x):
+    return F.linear(x, _low(m))
+
+
+def dense_plus_sparse(m, x):  # form 2 without a low-rank product
+    sparse = torch.zeros(OUT * IN, device=x.device).index_add(0, m.idx, m.values).view(OUT, IN)
+    return F.linear(x, torch.ones(OUT, IN, device=x.device) + sparse)
+
+
+def product_transposed_then_viewed(m, x):  # (in, out) product reinterpreted as (out, in)
+    return F.linear(x, (m.A.t() @ m.B.t()).reshape(-1).index_add(0, m.idx, m.values).view(OUT, IN))
+
+
+def scatter_into_viewed_zeros(m, x):  # conservative: the scatter target must be zeros itself
+    sparse = torch.zeros(OUT * IN, 1, device=x.device).view(-1).index_add(0, m.idx, m.values)
+    return F.linear(x, _low(m) + sparse.view(OUT, IN))
+
+
+NON_MATCHES = {f.__name__: (f, note) for f, note in [
+    (weight_also_returned, "users"), (product_used_twice, "users"), (index_put_overwrites, "accumulating"),
+    (index_add_alpha, None), (tensor_scale, None), (no_sparse_term, None), (dense_plus_sparse, None),
+    (product_transposed_then_viewed, "viewed back"), (scatter_into_viewed_zeros, None)]}
+
+
+@pytest.mark.parametrize("case", sorted(NON_MATCHES))
+def test_near_misses_are_left_alone(case):
+    body, note = NON_MATCHES[case]
+    module = Hand(body)
+    x = torch.randn(3, IN)
+    gm, rewrite = run_pass(module, x)
+    assert rewrite.counts["sl_linear"] == 0 and not sl_nodes(gm)
+    if note is not None:
+        assert any(note in n for n in rewrite.notes), rewrite.notes
+    assert_same(module, gm, x)
+
+
+def test_in_place_scatter_is_left_alone():
+    def body(m, x):
+        weight = _low(m)
+        weight.view(-1).index_add_(0, m.idx, m.values)
+        return F.linear(x, weight)
+
+    gm, rewrite = run_pass(Hand(body), torch.randn(3, IN))
+    assert rewrite.counts["sl_linear"] == 0
+    assert "index_add_" in [n.target for n in gm.graph.nodes]
+
+
+def test_not_rewritten_under_autocast():
+    def body(m, x):
+        return F.linear(x, _low(m).view(-1).index_add(0, m.idx, m.values).view(OUT, IN))
+
+    gm = traced(Hand(body), torch.randn(3, IN))
+    rewrite = SLTrainPatternPass()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rewrite(gm.graph)
+    assert rewrite.counts["sl_linear"] == 0 and any("autocast" in n for n in rewrite.notes)
+
+
+def test_dtype_mismatch_is_left_alone():
+    def body(m, x):
+        return F.linear(x.double(), _low(m).double().view(-1).index_add(0, m.idx, m.values.double())
+                        .view(OUT, IN))
+
+    module = Hand(body)
+    gm, rewrite = run_pass(module, torch.randn(3, IN))
+    # The float64 casts sit between the product and the scatter: not the pattern, nothing rewritten.
+    assert rewrite.counts["sl_linear"] == 0
+    assert operator.matmul in [n.target for n in gm.graph.nodes]
+
+
+def test_uuid_is_stable_bytes():
+    assert SLTrainPatternPass().uuid() == SLTrainPatternPass().uuid()
+    assert isinstance(SLTrainPatternPass().uuid(), bytes)
