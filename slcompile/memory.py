@@ -21,17 +21,21 @@ What the model assumes (each term's code comment says what it counts and why):
   compute dtype, and gradients of int8 weights come back in the compute dtype.
 - AdamW holds two states per trainable element. ``state_bits=32``: fp32 states; ``16``: states in
   bf16, what ``torch.optim.AdamW`` keeps for bf16 parameters (the reference's pure-bf16 setting);
-  ``8``/``4``: torchao ``AdamW8bit``/``AdamW4bit``, whose rule is reproduced exactly: a state is
-  quantized only when its tensor has >= 4096 elements and a multiple of the block size (256 for
-  8-bit, 128 for 4-bit), and then holds 8/4-bit codes, one fp32 scale per block and a per-tensor
-  fp32 lookup table (256 / 16 entries); any other tensor keeps plain states in its own dtype.
+  ``8``/``4``: torchao ``AdamW8bit``/``AdamW4bit`` as ``slcompile.optim`` drives them: a state is
+  quantized when its tensor has >= 4096 elements (torchao also needs a multiple of the block
+  size, 256 for 8-bit and 128 for 4-bit; ``slcompile.optim`` zero-pads other tensors, such as
+  SLTrain's ``values``, to the next multiple, see ``optim.lowbit.state_numel``), and then holds
+  8/4-bit codes over the padded length, one fp32 scale per block and a per-tensor fp32 lookup
+  table (256 / 16 entries); any smaller tensor keeps plain states in its own dtype.
   The scalar ``step`` counters live on the host and are not counted.
 - Optimizer updates: without ``per_layer`` the whole model's gradients exist before one
   ``optimizer.step()``, which for 16/32-bit states is torch's default (foreach) AdamW and
   allocates one state-dtype copy of all parameters (``exp_avg_sq.sqrt()``). With ``per_layer``
   each parameter is stepped in its post-accumulate-grad hook and its gradient freed, so at most
-  the largest single gradient exists; every single-tensor step (also any 8/4-bit step) is
-  assumed to materialize one copy of that tensor (state dtype, fp32 for 8/4-bit states).
+  the largest single gradient exists; every single-tensor step of 16/32-bit states (torch's
+  single-tensor AdamW: ``(exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)``) holds two
+  copies of that tensor in the state dtype at once, and any 8/4-bit step is assumed to
+  materialize one fp32 copy of it.
 - Activations (``compute_dtype``, bf16 or fp32; fp32 weights with bf16 compute mean autocast,
   whose bf16 weight copies saved for backward are not counted) are what autograd saves in
   :class:`slcompile.models.llama.Llama`: RMSNorm with fp32 statistics (saves an fp32 copy of its
@@ -59,12 +63,12 @@ section 4; the paper states neither batch nor checkpointing). The SLTrain rows u
 | AdamW, pure bf16 (bf16 weights, grads, states; foreach step) | 3.68 | 4.5 | 13.39 | 16.3 | 67.38 | 67.4 |
 | AdamW, bf16 weights + fp32 states | 5.89 | - | 21.43 | - | 107.81 | - |
 | 8-bit AdamW per-layer, bf16 weights | 1.97 | 3.5 | 6.38 | 11.8 | 29.51 | 29.4 |
-| SLTrain, bf16 weights, int64 support (the reference) | 1.38 | 2.2 | 3.99 | 6.8 | 18.43 | 18.3 |
-| SLTrain, int8 weights, int64 support | 1.25 | - | 3.48 | - | 15.59 | - |
-| SLTrain, int8 weights, int32 support | 1.21 | - | 3.34 | - | 14.29 | - |
-| SLTrain, int8 weights, regenerated support | 1.18 | - | 3.19 | - | 13.00 | - |
-| ... and checkpointing | 0.92 | - | 2.67 | - | 11.59 | - |
-| ... and 4-bit states | 0.74 | - | 2.08 | - | 8.85 | - |
+| SLTrain, bf16 weights, int64 support (the reference) | 1.36 | 2.2 | 3.92 | 6.8 | 17.79 | 18.3 |
+| SLTrain, int8 weights, int64 support | 1.23 | - | 3.41 | - | 14.95 | - |
+| SLTrain, int8 weights, int32 support | 1.20 | - | 3.27 | - | 13.66 | - |
+| SLTrain, int8 weights, regenerated support | 1.16 | - | 3.12 | - | 12.36 | - |
+| ... and checkpointing | 0.90 | - | 2.60 | - | 10.95 | - |
+| ... and 4-bit states | 0.71 | - | 1.98 | - | 7.90 | - |
 
 How to read it against the paper:
 
@@ -73,17 +77,17 @@ How to read it against the paper:
   foreach AdamW, i.e. five bf16 copies of the 6.74 B parameters at the optimizer step (the
   activations are already freed then). fp32 states on bf16 weights need 107.8 GB with the
   foreach temporary (80.9 GB without it), more than the 80 GB card; per-layer fp32 states would
-  hold five bf16 copies too, but with the activations on top (69.7 GB).
-- 7B per-layer 8-bit AdamW (29.51 vs 29.4) and SLTrain (18.43 vs 18.3) land within 0.15 GB,
-  which supports micro-batch 1 x 256 tokens without checkpointing (GaLore's memory figure, which
+  hold five bf16 copies too, but with the activations and two fp32 step copies of the head on
+  top (70.3 GB).
+- 7B per-layer 8-bit AdamW (29.51 vs 29.4) and SLTrain (17.79 vs 18.3) land within 0.15 and
+  0.5 GB, which supports micro-batch 1 x 256 tokens without checkpointing (GaLore's memory figure, which
   the paper follows, states that setting). The closeness is partly luck: the paper used
   bitsandbytes, whose fused 8-bit step has no fp32 copy of the largest tensor (0.5 GB modeled
-  here for the 131 M-element head) and which quantizes every state of >= 4096 elements, while
-  torchao (modeled) also needs a multiple of 256, which no SLTrain ``values`` tensor at 7B has
-  (``int(0.05 * 4096 * 4096) = 838860``): all 324 M values keep bf16 states, 0.65 GB more.
-  Without those two costs the model sits 0.4 GB (8-bit AdamW) and 1.0 GB (SLTrain) below the
-  paper, room for what a measurement adds and this model does not (allocator caching, the
-  reference's extra copies). Padding ``values`` to a multiple of 256 would let torchao quantize them.
+  here for the 131 M-element head). Plain torchao would also keep every SLTrain ``values``
+  state unquantized (``int(0.05 * 4096 * 4096) = 838860`` is no multiple of 256: 0.65 GB more at
+  7B); ``slcompile.optim`` pads them, and this model follows it. Without the head's step copy
+  the model sits 0.4 GB (8-bit AdamW) and 1.0 GB (SLTrain) below the paper, room for what a measurement adds and this
+  model does not (allocator caching, the reference's extra copies).
 - At 350M and 1B the paper's figures are 0.8 to 5.4 GB above the model, and the gap differs
   between rows of one model size (1B: 2.8-2.9 GB for Adam and SLTrain, 5.4 GB for 8-bit Adam):
   no single unstated batch size or constant overhead (CUDA context, allocator cache) explains all
@@ -106,6 +110,7 @@ from typing import Mapping, Union
 import sympy
 
 from slcompile.models.config import LlamaConfig, get_config
+from slcompile.optim.lowbit import BLOCK_SIZES, MIN_QUANTIZED_NUMEL, state_numel
 from slcompile.support import nnz_for
 
 METHODS = ("full", "lowrank", "sltrain")
@@ -118,8 +123,6 @@ _DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 
 # torchao/optim (adam.py, subclass_8bit.py, subclass_4bit.py): which tensors get low-bit states,
 # the block size of their fp32 scales and the length of the per-tensor fp32 lookup table.
-_QUANT_MIN_NUMEL = 4096
-_QUANT_BLOCK = {8: 256, 4: 128}
 _QUANT_QMAP = {8: 256, 4: 16}
 
 b, s = sympy.symbols("b s", positive=True, integer=True)
@@ -153,8 +156,9 @@ class _Nnz(sympy.Function):
 class _LowBitStateBytes(sympy.Function):
     """Bytes of one torchao 8/4-bit Adam state of a tensor with ``numel`` elements.
 
-    Quantized (codes + one fp32 scale per block + fp32 lookup table) when ``numel >= 4096`` and
-    ``numel`` is a multiple of the block; otherwise a plain tensor of ``fallback`` bytes per element.
+    Quantized (codes + one fp32 scale per block + fp32 lookup table, over ``numel`` padded to a
+    whole block as ``slcompile.optim`` does) when ``numel >= 4096``; otherwise a plain tensor of
+    ``fallback`` bytes per element.
     """
 
     is_integer = True
@@ -165,9 +169,9 @@ class _LowBitStateBytes(sympy.Function):
         if not numel.is_number:
             return None
         n, bits = int(numel), int(bits)
-        block = _QUANT_BLOCK[bits]
-        if n >= _QUANT_MIN_NUMEL and n % block == 0:
-            return sympy.Integer(n * bits // 8 + 4 * (n // block) + 4 * _QUANT_QMAP[bits])
+        padded = state_numel(n, bits)
+        if n >= MIN_QUANTIZED_NUMEL:
+            return sympy.Integer(padded * bits // 8 + 4 * (padded // BLOCK_SIZES[bits]) + 4 * _QUANT_QMAP[bits])
         return sympy.Integer(n * int(fallback))
 
 
@@ -396,8 +400,12 @@ def _memory_model(method: str, per_layer: bool, state_bits: int, weight_dtype: s
     transient = linear_transient + grad_buffers + recomputed
 
     state_elem = state_bits // 8 if state_bits >= 16 else 4
-    if per_layer or state_bits < 16:
-        # A single-tensor step: one copy of the largest tensor (the second-moment denominator).
+    if per_layer and state_bits >= 16:
+        # torch's single-tensor AdamW: sqrt(exp_avg_sq) and its quotient by the bias correction
+        # are both alive before the in-place add_(eps): two copies of the largest tensor.
+        optimizer_transient = 2 * largest_numel * state_elem
+    elif per_layer or state_bits < 16:
+        # A single-tensor 8/4-bit step: one fp32 copy of the largest tensor (the denominator).
         optimizer_transient = largest_numel * state_elem
     else:
         # torch's foreach AdamW: exp_avg_sq.sqrt() for all parameters at once.
