@@ -80,6 +80,7 @@ class TrainConfig:
     per_layer: bool = False  # AdamW fused into backward (slcompile.optim), gradients freed per parameter
     state_bits: int = 32  # 32, or 8 / 4 for torchao quantized AdamW states
     int8_weights: bool = False  # SLTrain A, B, values stored as int8 (stochastic rounding)
+    checkpoint_activations: bool = False  # recompute each decoder layer in backward
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -124,9 +125,9 @@ class TrainConfig:
 # Settings a resumed run may change without changing what it computes. Not `steps`: the
 # cosine schedule depends on the total, so a longer run is a different run. `parallel`: DDP,
 # FSDP2 and one process compute the same updates (up to float rounding) and read each other's
-# distributed checkpoints.
+# distributed checkpoints. `checkpoint_activations`: recomputation gives the same values.
 RESUMABLE_FIELDS = {"out", "eval_every", "log_every", "checkpoint_every", "threads", "progress", "parallel",
-                    "export"}
+                    "export", "checkpoint_activations"}
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[nn.Module, int, dict]:
@@ -139,12 +140,14 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[nn.Module, int, dict
         from slcompile.models.hf import HFCausalLM, load_hf_llama_config
         hf = load_hf_llama_config(cfg.hf_config, vocab_size)
         model, max_seq = HFCausalLM(hf), hf.max_position_embeddings
+        if cfg.checkpoint_activations:
+            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method != "full" and (cfg.rank is None or cfg.alpha is None):
             raise ValueError("--hf-config needs --rank and --alpha (no paper defaults for an arbitrary shape)")
         rank, alpha, density = cfg.rank, cfg.alpha, cfg.density if cfg.density is not None else 0.03
     else:
         dim_cfg = replace(get_config(cfg.model), vocab_size=vocab_size)
-        model, max_seq = Llama(dim_cfg), dim_cfg.max_seq_len
+        model, max_seq = Llama(dim_cfg, checkpoint_activations=cfg.checkpoint_activations), dim_cfg.max_seq_len
         rank = cfg.rank if cfg.rank is not None else dim_cfg.rank
         alpha = cfg.alpha if cfg.alpha is not None else dim_cfg.alpha
         density = cfg.density if cfg.density is not None else dim_cfg.density

@@ -145,3 +145,10 @@ def test_memory_stack_flags_are_validated():
         TrainConfig(method="full", int8_weights=True)
     with pytest.raises(ValueError, match="not supported with --parallel"):
         TrainConfig(per_layer=True, parallel="ddp")
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path):
+    common = dict(TINY, method="sltrain", steps=3)
+    train(TrainConfig(**common, out=str(tmp_path / "plain")))
+    train(TrainConfig(**common, checkpoint_activations=True, out=str(tmp_path / "ckpt")))
+    assert _losses(tmp_path / "plain") == _losses(tmp_path / "ckpt")
