@@ -14,6 +14,7 @@ every optimizer state already exists. Methods (the paper's memory figure, plus r
 | ``sltrain-adamw-pl`` | SLTrain | ``build(per_layer=True, state_bits=32)``: torch's single-tensor AdamW in the gradient hooks |
 | ``sltrain-adamw8-pl`` | SLTrain | ``build(per_layer=True, state_bits=8)`` |
 | ``sltrain-adamw8-pl-int8`` | SLTrain | the same with ``int8_weights=True`` (``A``, ``B``, ``values`` stored int8) |
+| ``sltrain-adamw4-pl`` | SLTrain | ``build(per_layer=True, state_bits=4)`` (torchao ``AdamW4bit``) |
 
 What is measured:
 
@@ -32,8 +33,10 @@ What is measured:
 - **predicted**: :func:`slcompile.memory.estimate` with the matching options: ``method``,
   ``per_layer``, ``state_bits`` (``torch.optim.AdamW`` keeps states in the weights' dtype, so 32
   on bf16 weights is the model's ``16``), ``weight_dtype`` (``int8`` with int8 weights),
-  ``compute_dtype``, ``index_bytes=4`` (our int32 supports), ``batch``, ``seq``. The relative
-  error is ``(predicted - measured) / measured``.
+  ``compute_dtype``, ``index_bytes=4`` (our int32 supports), ``foreach`` (``True`` only for
+  ``torch.optim.AdamW(foreach=True)``; ``slcompile.optim`` steps one tensor at a time),
+  ``device`` (the measuring device: the 8/4-bit step transient is Inductor's CPU kernel's on the
+  CPU), ``batch``, ``seq``. The relative error is ``(predicted - measured) / measured``.
 
 Also written: the model's predictions at 350M / 1B / 7B (seq 256, micro-batch 1, bf16) for the
 same methods, next to the paper's measured peaks (REFERENCE.md section 4).
@@ -85,7 +88,7 @@ class Method:
     method: str            # slcompile.memory method: "full" or "sltrain"
     optimizer: str         # "torch-foreach" (torch.optim.AdamW) or "slcompile" (slcompile.optim.build)
     per_layer: bool
-    state_bits: int        # 32 (torch AdamW: states in the weights' dtype) or 8 (torchao)
+    state_bits: int        # 32 (torch AdamW: states in the weights' dtype), 8 or 4 (torchao)
     int8_weights: bool = False
 
 
@@ -97,6 +100,7 @@ METHODS: dict[str, Method] = {
     "sltrain-adamw-pl": Method("SLTrain + AdamW per-layer", "sltrain", "slcompile", True, 32),
     "sltrain-adamw8-pl": Method("SLTrain + 8-bit per-layer", "sltrain", "slcompile", True, 8),
     "sltrain-adamw8-pl-int8": Method("SLTrain + 8-bit per-layer + int8 weights", "sltrain", "slcompile", True, 8, True),
+    "sltrain-adamw4-pl": Method("SLTrain + 4-bit per-layer", "sltrain", "slcompile", True, 4),
 }
 # REFERENCE.md section 4: measured peaks (GB) on one A100-80G, 350M / 1B / 7B; batch and
 # checkpointing not stated; the reference's SLTrain stores bf16 weights and an int64 support.
@@ -108,17 +112,19 @@ GPU_DEFAULT = {"configs": "llama-350m:1x256,llama-1b:1x256,llama-7b:1x256", "dty
 
 
 # -- the model's prediction ----------------------------------------------------------------------
-def model_options(m: Method, dtype: str) -> dict:
-    """``slcompile.memory.estimate`` options that describe method ``m`` trained in ``dtype``."""
+def model_options(m: Method, dtype: str, device: str = "cuda") -> dict:
+    """``slcompile.memory.estimate`` options that describe method ``m`` trained in ``dtype`` on
+    ``device`` (``"cpu"`` or ``"cuda"``: whose compiled torchao step the model counts)."""
     state_bits = m.state_bits
     if state_bits == 32 and dtype == "bf16":
         state_bits = 16  # torch.optim.AdamW's states are zeros_like(param): bf16 on bf16 weights
     return dict(per_layer=m.per_layer, state_bits=state_bits, weight_dtype="int8" if m.int8_weights else dtype,
-                compute_dtype=dtype, index_bytes=4)
+                compute_dtype=dtype, index_bytes=4, foreach=m.optimizer == "torch-foreach", device=device)
 
 
-def predict(config: str, m: Method, dtype: str, batch: int, seq: int, **overrides) -> dict[str, int]:
-    return memory.estimate(config, m.method, batch, seq, **{**model_options(m, dtype), **overrides})
+def predict(config: str, m: Method, dtype: str, batch: int, seq: int, device: str = "cuda",
+            **overrides) -> dict[str, int]:
+    return memory.estimate(config, m.method, batch, seq, **{**model_options(m, dtype, device), **overrides})
 
 
 # -- building the model and optimizer --------------------------------------------------------
@@ -333,12 +339,12 @@ def measure(config: str, method: str, *, dtype: str = "fp32", batch: int = 1, se
                     "phase_end_bytes": {k: base + v for k, v in trace["phase_end"].items()},
                     "live_at_peak_by_site": trace["live_at_peak_by_site"]}
     step_s = time.perf_counter() - started
-    pred = predict(config, m, dtype, batch, seq)
+    pred = predict(config, m, dtype, batch, seq, dev.type)
     peak_term = max((k for k in pred if k.startswith("phase_")), key=pred.get)
     return {
         "config": config, "method": method, "label": m.label, "dtype": dtype, "batch": batch, "seq": seq,
         "steps": steps, "device": dev.type, "optimizer": asdict(m), "compile_step": compile_step,
-        "model_options": model_options(m, dtype), "steady_state_bytes": steady, **measured,
+        "model_options": model_options(m, dtype, dev.type), "steady_state_bytes": steady, **measured,
         "predicted": pred, "predicted_peak_phase": peak_term[len("phase_"):],
         "rel_error": (pred["peak"] - measured["peak_bytes"]) / measured["peak_bytes"],
         "steady_rel_error": (pred["parameters"] + pred["support"] + pred["optimizer_states"] - steady["modeled"])
@@ -392,7 +398,8 @@ def print_predictions(rows: list[dict]) -> None:
             paper = row["paper_gb"][c]
             cells.append(f"{row['predicted_gb'][c]:.2f}" + (f" ({paper})" if paper is not None else " (-)"))
         print(f"{row['label']:<58}" + "".join(f"{cell:>16}" for cell in cells))
-    print("(paper: measured on one A100-80G, REFERENCE.md section 4; batch/checkpointing not stated)")
+    print("(paper: measured on one A100-80G, REFERENCE.md section 4; batch/checkpointing not stated;\n"
+          " model: device='cuda', whose 8/4-bit step transient is assumed, not measured)")
 
 
 def plot(results: list[dict], predictions: list[dict], path: Path) -> None:
@@ -517,7 +524,8 @@ def main(argv=None) -> dict:
         },
         "results": results,
         "predictions": {"setting": "seq 256, micro-batch 1, bf16 compute and weights (int8 where said), "
-                                   "index_bytes 4 unless said", "rows": predictions},
+                                   "index_bytes 4 unless said, device 'cuda' (the model's assumed CUDA "
+                                   "8/4-bit step transient)", "rows": predictions},
         "runtime_s": round(time.perf_counter() - started, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,14 +28,20 @@ What the model assumes (each term's code comment says what it counts and why):
   8/4-bit codes over the padded length, one fp32 scale per block and a per-tensor fp32 lookup
   table (256 / 16 entries); any smaller tensor keeps plain states in its own dtype.
   The scalar ``step`` counters live on the host and are not counted.
-- Optimizer updates: without ``per_layer`` the whole model's gradients exist before one
-  ``optimizer.step()``, which for 16/32-bit states is torch's default (foreach) AdamW and
-  allocates one state-dtype copy of all parameters (``exp_avg_sq.sqrt()``). With ``per_layer``
-  each parameter is stepped in its post-accumulate-grad hook and its gradient freed, so at most
-  the largest single gradient exists; every single-tensor step of 16/32-bit states (torch's
-  single-tensor AdamW: ``(exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)``) holds two
-  copies of that tensor in the state dtype at once, and any 8/4-bit step is assumed to
-  materialize one fp32 copy of it.
+- Optimizer updates: without ``per_layer`` the whole model's gradients exist before
+  ``optimizer.step()``. For 16/32-bit states that is torch's foreach AdamW (``foreach=True``,
+  torch's default on CUDA), which allocates one state-dtype copy of all parameters
+  (``exp_avg_sq.sqrt()``), or one tensor at a time (``foreach=False``: ``slcompile.optim.build(
+  per_layer=False)``, ``torch.optim.AdamW(foreach=False)``). With ``per_layer`` each parameter
+  is stepped in its post-accumulate-grad hook and its gradient freed, so at most one gradient
+  exists. A single-tensor update (:func:`_update_bytes`) of 16/32-bit states holds two copies of
+  the tensor in the state dtype at once (torch's ``(exp_avg_sq.sqrt() / bias_correction2_sqrt)
+  .add_(eps)``). An 8/4-bit update is torchao's compiled step (``_LowBitStepBytes``), whose
+  buffers depend on the compiler's backend (``device``): measured for Inductor's CPU kernel (two
+  fp32 copies plus block scales for 8-bit, 6.5 fp32 copies' worth for 4-bit), assumed to be one
+  fp32 copy on CUDA (not measured yet). ``slcompile.optim``'s stand-ins add their copies: the
+  zero-padded value and gradient of a padded tensor, the dequantized value and the
+  requantization buffers of an int8 weight.
 - Activations (``compute_dtype``, bf16 or fp32; fp32 weights with bf16 compute mean autocast,
   whose bf16 weight copies saved for backward are not counted) are what autograd saves in
   :class:`slcompile.models.llama.Llama`: RMSNorm with fp32 statistics (saves an fp32 copy of its
@@ -52,52 +58,64 @@ What the model assumes (each term's code comment says what it counts and why):
   layer's activations are recomputed at a time.
 - Peak: the largest of a few moments of one training step (``MemoryBreakdown.phases``), each the
   persistent memory (parameters, support, optimizer states) plus what is alive at that moment.
+  Per layer, the head's update (its gradient arrives first, with every activation saved) and a
+  decoder layer's backward (its transients with one of its tensors' update) are apart.
 
 Predictions (GB = 1e9 bytes, from :func:`estimate`) at seq 256, micro-batch 1, bf16 compute, no
-checkpointing unless said, next to the paper's measured peaks on one A100-80G (REFERENCE.md
-section 4; the paper states neither batch nor checkpointing). The SLTrain rows use ``method=
-"sltrain", state_bits=8, per_layer=True``; "support" is ``index_bytes`` 8 / 4 / 0.
+checkpointing unless said, default ``device="cuda"`` (its 8/4-bit step transient is assumed, see
+above), next to the paper's measured peaks on one A100-80G (REFERENCE.md section 4; the paper
+states neither batch nor checkpointing). The SLTrain rows use ``method="sltrain", state_bits=8,
+per_layer=True``; "support" is ``index_bytes`` 8 / 4 / 0.
 
 | setting | 350M | paper | 1B | paper | 7B | paper |
 |---|---|---|---|---|---|---|
 | AdamW, pure bf16 (bf16 weights, grads, states; foreach step) | 3.68 | 4.5 | 13.39 | 16.3 | 67.38 | 67.4 |
 | AdamW, bf16 weights + fp32 states | 5.89 | - | 21.43 | - | 107.81 | - |
-| 8-bit AdamW per-layer, bf16 weights | 1.97 | 3.5 | 6.38 | 11.8 | 29.51 | 29.4 |
-| SLTrain, bf16 weights, int64 support (the reference) | 1.36 | 2.2 | 3.92 | 6.8 | 17.79 | 18.3 |
-| SLTrain, int8 weights, int64 support | 1.23 | - | 3.41 | - | 14.95 | - |
-| SLTrain, int8 weights, int32 support | 1.20 | - | 3.27 | - | 13.66 | - |
-| SLTrain, int8 weights, regenerated support | 1.16 | - | 3.12 | - | 12.36 | - |
-| ... and checkpointing | 0.90 | - | 2.60 | - | 10.95 | - |
-| ... and 4-bit states | 0.71 | - | 1.98 | - | 7.90 | - |
+| 8-bit AdamW per-layer, bf16 weights | 1.97 | 3.5 | 6.37 | 11.8 | 29.49 | 29.4 |
+| SLTrain, bf16 weights, int64 support (the reference) | 1.34 | 2.2 | 3.86 | 6.8 | 17.59 | 18.3 |
+| SLTrain, int8 weights, int64 support | 1.21 | - | 3.35 | - | 14.72 | - |
+| SLTrain, int8 weights, int32 support | 1.18 | - | 3.21 | - | 13.42 | - |
+| ... and checkpointing | 0.90 | - | 2.66 | - | 11.96 | - |
+| ... and 4-bit states | 0.72 | - | 2.03 | - | 8.91 | - |
+| SLTrain, int8 weights, regenerated support, checkpointing | 0.87 | - | 2.52 | - | 10.67 | - |
+| ... and 4-bit states | 0.68 | - | 1.89 | - | 7.62 | - |
+
+With ``device="cpu"`` (Inductor's CPU step kernel, measured) the head's update grows from 0.52
+to 1.05 GB at 7B with 8-bit states and to 3.42 GB with 4-bit states: every 8-bit per-layer row
+above gains 0.53 GB, every 4-bit row 2.89 GB (int8 + int32 + checkpointing: 12.49 GB with 8-bit,
+11.81 GB with 4-bit states).
 
 How to read it against the paper:
 
 - 7B "Adam" 67.4 GB is reproduced (67.38) by the reference's pure bf16 training: bf16 weights,
   gradients and both AdamW states, plus the ``sqrt(exp_avg_sq)`` temporary of torch's default
   foreach AdamW, i.e. five bf16 copies of the 6.74 B parameters at the optimizer step (the
-  activations are already freed then). fp32 states on bf16 weights need 107.8 GB with the
-  foreach temporary (80.9 GB without it), more than the 80 GB card; per-layer fp32 states would
-  hold five bf16 copies too, but with the activations and two fp32 step copies of the head on
-  top (70.3 GB).
-- 7B per-layer 8-bit AdamW (29.51 vs 29.4) and SLTrain (17.79 vs 18.3) land within 0.15 and
-  0.5 GB, which supports micro-batch 1 x 256 tokens without checkpointing (GaLore's memory figure, which
-  the paper follows, states that setting). The closeness is partly luck: the paper used
-  bitsandbytes, whose fused 8-bit step has no fp32 copy of the largest tensor (0.5 GB modeled
-  here for the 131 M-element head). Plain torchao would also keep every SLTrain ``values``
-  state unquantized (``int(0.05 * 4096 * 4096) = 838860`` is no multiple of 256: 0.65 GB more at
-  7B); ``slcompile.optim`` pads them, and this model follows it. Without the head's step copy
-  the model sits 0.4 GB (8-bit AdamW) and 1.0 GB (SLTrain) below the paper, room for what a measurement adds and this
-  model does not (allocator caching, the reference's extra copies).
+  activations are already freed then); stepping one tensor at a time (``foreach=False``) would
+  peak at 54.43 GB. fp32 states on bf16 weights need 107.8 GB with the foreach temporary
+  (80.9 GB without it), more than the 80 GB card; per-layer fp32 states would hold five bf16
+  copies too, but with the activations and two fp32 step copies of the head on top (70.2 GB).
+- 7B per-layer 8-bit AdamW (29.49 vs 29.4) and SLTrain (17.59 vs 18.3) land within 0.1 and
+  0.7 GB, which supports micro-batch 1 x 256 tokens without checkpointing (GaLore's memory
+  figure, which the paper follows, states that setting). The closeness is partly luck: the paper
+  used bitsandbytes, whose fused 8-bit step has no fp32 copy of the largest tensor (0.52 GB
+  assumed here for the 131 M-element head on CUDA). Plain torchao would also keep every SLTrain
+  ``values`` state unquantized (``int(0.05 * 4096 * 4096) = 838860`` is no multiple of 256:
+  0.65 GB more at 7B); ``slcompile.optim`` pads them, and this model follows it. Without the
+  head's step copy the model sits 0.4 GB (8-bit AdamW) and 1.2 GB (SLTrain) below the paper,
+  room for what a measurement adds and this model does not (allocator caching, the reference's
+  extra copies).
 - At 350M and 1B the paper's figures are 0.8 to 5.4 GB above the model, and the gap differs
-  between rows of one model size (1B: 2.8-2.9 GB for Adam and SLTrain, 5.4 GB for 8-bit Adam):
-  no single unstated batch size or constant overhead (CUDA context, allocator cache) explains all
+  between rows of one model size (1B: 2.9 GB for Adam and SLTrain, 5.4 GB for 8-bit Adam): no
+  single unstated batch size or constant overhead (CUDA context, allocator cache) explains all
   three, so those rows were probably measured under other, unstated settings.
 - The 10 GB target at 7B (DESIGN.md section 5) is not met by int8 weights + int32 support +
-  8-bit states (14.3 GB) or even with regenerated support and checkpointing (11.6 GB): the
-  remaining terms are 8-bit states 7.0 GB (0.65 GB of them the unquantized ``values`` states),
-  int8 linears and bf16 embeddings 3.4 GB, the fp32 step copy of the largest tensor 0.5 GB (a
-  fused step kernel avoids it), its bf16 gradient 0.26 GB and one layer's transients 0.29 GB;
-  4-bit states reach 8.9 GB.
+  8-bit states (13.42 GB), with checkpointing (11.96 GB) or even with regenerated support too
+  (10.67 GB), all peaking at the head's update: 8-bit states 6.39 GB (padded ``values``
+  quantized), int8 linears and bf16 embeddings 3.41 GB, the head's fp32 step copy 0.52 GB
+  (assumed on CUDA; a fused step kernel avoids it), its bf16 gradient 0.26 GB and the
+  checkpointed activations 0.08 GB. 4-bit states reach 8.91 GB (int32 support) and 7.62 GB
+  (regenerated), on CUDA; on the CPU kernel 4-bit's step buffers (3.42 GB for the head, 1.05 GB
+  with 8-bit) eat 2.36 GB of the 3.05 GB its states save.
 """
 from __future__ import annotations
 
@@ -119,6 +137,7 @@ WEIGHT_DTYPES = ("bf16", "fp32", "int8")
 WEIGHT_SCALES = ("row", "tensor")
 INDEX_BYTES = (8, 4, 0)
 COMPUTE_DTYPES = ("bf16", "fp32")
+DEVICES = ("cuda", "cpu")
 _DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 
 # torchao/optim (adam.py, subclass_8bit.py, subclass_4bit.py): which tensors get low-bit states,
@@ -151,6 +170,62 @@ class _Nnz(sympy.Function):
         if dens.is_number and fan_in.is_number and fan_out.is_number:
             return sympy.Integer(nnz_for(int(fan_in), int(fan_out), float(dens)))
         return None
+
+
+class _LowBitStepBytes(sympy.Function):
+    """Bytes torchao's compiled 8/4-bit step (``single_param_adam``, ``compile_step=True``) of one
+    ``numel``-element tensor allocates while it runs; ``cpu`` is 1 for Inductor's CPU kernel, 0
+    for CUDA.
+
+    Over ``P``, the state length (``numel`` padded to a whole block, :func:`state_numel`), the CPU
+    kernel (one fused C++ kernel; read from Inductor's output code and measured with
+    ``torch.profiler``, torch 2.13, torchao 0.18, fp32 and bf16 parameters alike) allocates:
+
+    - 8-bit: the block-normalized fp32 ``exp_avg`` and ``exp_avg_sq`` as two ``(P / 256, 256)``
+      fp32 buffers and their two new ``P / 256`` fp32 block scales: ``8 P + P / 32`` bytes;
+    - 4-bit: the same fp32 buffers and scales over blocks of 128 (``8 P + P / 16``), both states'
+      4-bit codes unpacked into two ``P``-byte uint8 buffers (``2 P``) and the new codes, before
+      packing, as two ``P``-element int64 buffers (``16 P``): ``26 P + P / 16``.
+
+    On CUDA (Triton kernels; not measured yet) one fp32 copy, ``4 P``, is assumed (the model's
+    earlier guess): a fused Triton kernel may keep the block-normalized states in registers (less)
+    or materialize buffers as the CPU kernel does (more). A tensor under 4096 elements keeps plain
+    states, whose compiled step works in place: nothing but scalars (not counted).
+    """
+
+    is_integer = True
+    is_nonnegative = True
+
+    @classmethod
+    def eval(cls, numel, bits, cpu):
+        if not numel.is_number:
+            return None
+        n, bits = int(numel), int(bits)
+        if n < MIN_QUANTIZED_NUMEL:
+            return sympy.Integer(0)
+        padded = state_numel(n, bits)
+        if not int(cpu):
+            return sympy.Integer(4 * padded)
+        fp32 = 2 * 4 * padded + 2 * 4 * (padded // BLOCK_SIZES[bits])
+        codes = 0 if bits == 8 else 2 * padded + 2 * 8 * padded
+        return sympy.Integer(fp32 + codes)
+
+
+class _PaddedCopyBytes(sympy.Function):
+    """Bytes of the zero-padded flat copies of value and gradient (``elem`` bytes per element)
+    through which ``slcompile.optim`` steps a tensor whose low-bit state length is padded
+    (:func:`state_numel`); 0 if it is not padded."""
+
+    is_integer = True
+    is_nonnegative = True
+
+    @classmethod
+    def eval(cls, numel, bits, elem):
+        if not numel.is_number:
+            return None
+        n = int(numel)
+        padded = state_numel(n, int(bits))
+        return sympy.Integer(2 * int(elem) * padded if padded > n else 0)
 
 
 class _LowBitStateBytes(sympy.Function):
@@ -206,13 +281,40 @@ def _tensors(method: str) -> list[_Tensor]:
     return tensors
 
 
+def _update_bytes(t: _Tensor, *, state_bits: int, elem: int, compute_bytes: int, int8: bool,
+                  cpu: bool) -> sympy.Expr:
+    """What one single-tensor update of ``t`` allocates beyond its gradient, at its most: torch's
+    single-tensor AdamW (16/32-bit states) or ``slcompile.optim``'s ``_Slot.update`` around
+    torchao's compiled step (8/4-bit). ``elem``: bytes per element of the parameter (as the
+    optimizer sees it) and of its gradient; ``int8``: ``t`` is stored as an ``Int8Weight``."""
+    if state_bits >= 16:
+        # torch's single-tensor AdamW: sqrt(exp_avg_sq) and its quotient by the bias correction
+        # are both alive before the in-place add_(eps): two state-dtype copies.
+        step, padded_copies = 2 * t.numel * (state_bits // 8), sympy.Integer(0)
+    else:
+        step = _LowBitStepBytes(t.numel, state_bits, int(cpu))
+        padded_copies = _PaddedCopyBytes(t.numel, state_bits, elem)
+    if not int8:
+        return padded_copies + step
+    # An Int8Weight is stepped through its dequantized value (compute dtype; alive during the
+    # whole update, as are the padded copies) and written back by Int8Weight.requantize_ (eager,
+    # stochastic): an fp32 copy of the value (none if it is fp32 already), x / scale and the
+    # uniform noise (8 bytes per element), the row absmax and the new scales (2 x 4 per row).
+    requantize = 8 * t.numel + (4 * t.numel if compute_bytes == 2 else 0) + 8 * t.rows
+    return compute_bytes * t.numel + padded_copies + _max([step, requantize])
+
+
 @dataclass(frozen=True)
 class MemoryBreakdown:
     """Memory of one training step, every field a sympy expression in bytes.
 
     ``activations`` and ``activations_checkpointed`` are both given; ``phases`` (and so ``peak``)
     use the one selected by ``checkpointing``. ``gradients`` is the most gradient memory alive at
-    once (all gradients, or the largest single one with ``per_layer``).
+    once (all gradients, or the largest single one with ``per_layer``). ``optimizer_transient``
+    is what the optimizer step allocates at its most: all parameters' ``sqrt(exp_avg_sq)`` for a
+    foreach step, else the largest single-tensor update (:func:`_update_bytes`). ``phases``:
+    ``forward_loss``, then ``backward_head`` and ``backward_layers`` with ``per_layer``, else
+    ``backward_top``, ``backward_bottom`` and ``step``.
     """
 
     parameters: sympy.Expr
@@ -237,8 +339,10 @@ class MemoryBreakdown:
 def _max(exprs) -> sympy.Expr:
     # Unevaluated: comparing symbolic shapes is slow and undecidable; substituting numbers
     # rebuilds the Max, which then evaluates.
-    unique = tuple(dict.fromkeys(exprs))
-    return unique[0] if len(unique) == 1 else sympy.Max(*unique, evaluate=False)
+    unique = tuple(dict.fromkeys(sympy.sympify(e) for e in exprs))
+    if len(unique) == 1:
+        return unique[0]
+    return sympy.Max(*unique, evaluate=all(e.is_number for e in unique))
 
 
 def _choice(name: str, value, allowed: tuple) -> None:
@@ -278,7 +382,8 @@ def _resolve_config(model_config: ConfigLike) -> LlamaConfig:
 
 def memory_model(method: str = "sltrain", *, per_layer: bool = False, state_bits: int = 32,
                  weight_dtype: str = "bf16", weight_scale: str = "row", index_bytes: int = 4,
-                 compute_dtype: str = "bf16", checkpointing: bool = False) -> MemoryBreakdown:
+                 compute_dtype: str = "bf16", checkpointing: bool = False, foreach: bool = True,
+                 device: str = "cuda") -> MemoryBreakdown:
     """Symbolic memory of one AdamW training step of the LLaMA, in bytes.
 
     Args:
@@ -293,17 +398,26 @@ def memory_model(method: str = "sltrain", *, per_layer: bool = False, state_bits
             ours) or 0 (regenerated from the seed).
         compute_dtype: ``"bf16"`` or ``"fp32"``, the dtype of activations (fp32 needs fp32 weights).
         checkpointing: recompute each decoder layer in backward instead of saving its activations.
+        foreach: with ``per_layer=False`` and 16/32-bit states, torch's foreach AdamW (one
+            state-dtype copy of all parameters at the step; torch's default on CUDA) or, if
+            ``False``, one tensor at a time (``slcompile.optim.build(per_layer=False)``,
+            ``torch.optim.AdamW(foreach=False)``: two copies of the largest tensor). Ignored
+            where the step is single-tensor anyway (``per_layer=True``, 8/4-bit states).
+        device: ``"cuda"`` or ``"cpu"``: whose compiled torchao step transient is counted (8/4-bit
+            states only; measured on the CPU, assumed on CUDA, see ``_LowBitStepBytes``).
 
     Cached: the same arguments return the same (immutable) breakdown.
     """
     _check_options(method, per_layer, state_bits, weight_dtype, weight_scale, index_bytes,
-                   compute_dtype, checkpointing)
+                   compute_dtype, checkpointing, foreach, device)
+    # foreach only matters for a whole-model step of 16/32-bit states: one cache entry otherwise.
+    foreach = foreach and not per_layer and state_bits >= 16
     return _memory_model(method, per_layer, state_bits, weight_dtype, weight_scale, index_bytes,
-                         compute_dtype, checkpointing)
+                         compute_dtype, checkpointing, foreach, device)
 
 
 def _check_options(method, per_layer, state_bits, weight_dtype, weight_scale, index_bytes,
-                   compute_dtype, checkpointing) -> None:
+                   compute_dtype, checkpointing, foreach, device) -> None:
     _choice("method", method, METHODS)
     _check_flag("per_layer", per_layer)
     _choice("state_bits", state_bits, STATE_BITS)
@@ -312,6 +426,8 @@ def _check_options(method, per_layer, state_bits, weight_dtype, weight_scale, in
     _choice("index_bytes", index_bytes, INDEX_BYTES)
     _choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
     _check_flag("checkpointing", checkpointing)
+    _check_flag("foreach", foreach)
+    _choice("device", device, DEVICES)
     if compute_dtype == "fp32" and weight_dtype == "bf16":
         raise ValueError("compute_dtype 'fp32' needs weight_dtype 'fp32' or 'int8', got weight_dtype 'bf16'")
 
@@ -320,7 +436,7 @@ def _check_options(method, per_layer, state_bits, weight_dtype, weight_scale, in
 @lru_cache(maxsize=None)
 def _memory_model(method: str, per_layer: bool, state_bits: int, weight_dtype: str,
                   weight_scale: str, index_bytes: int, compute_dtype: str,
-                  checkpointing: bool) -> MemoryBreakdown:
+                  checkpointing: bool, foreach: bool, device: str) -> MemoryBreakdown:
     """Build :func:`memory_model`'s breakdown from validated options."""
     c = _DTYPE_BYTES[compute_dtype]
     int8 = weight_dtype == "int8"
@@ -399,25 +515,33 @@ def _memory_model(method: str, per_layer: bool, state_bits: int, weight_dtype: s
     recomputed = layer_activations if checkpointing else sympy.Integer(0)
     transient = linear_transient + grad_buffers + recomputed
 
-    state_elem = state_bits // 8 if state_bits >= 16 else 4
-    if per_layer and state_bits >= 16:
-        # torch's single-tensor AdamW: sqrt(exp_avg_sq) and its quotient by the bias correction
-        # are both alive before the in-place add_(eps): two copies of the largest tensor.
-        optimizer_transient = 2 * largest_numel * state_elem
-    elif per_layer or state_bits < 16:
-        # A single-tensor 8/4-bit step: one fp32 copy of the largest tensor (the denominator).
-        optimizer_transient = largest_numel * state_elem
-    else:
+    def update_bytes(t: _Tensor) -> sympy.Expr:
+        return _update_bytes(t, state_bits=state_bits, elem=elem, compute_bytes=c,
+                             int8=int8 and t.in_linear, cpu=device == "cpu")
+
+    if foreach:
         # torch's foreach AdamW: exp_avg_sq.sqrt() for all parameters at once.
-        optimizer_transient = total_numel * state_elem
+        optimizer_transient = total_numel * (state_bits // 8)
+    else:
+        # One tensor at a time (per layer; or after backward, as slcompile.optim and any 8/4-bit
+        # torchao step do): the largest single update.
+        optimizer_transient = _max(update_bytes(t) for t in tensors)
 
     persistent = parameters + support + optimizer_states
     phases = {"forward_loss": persistent + saved + loss}
     if per_layer:
         gradients = elem * largest_numel
-        # Conservative: the largest gradient and its update with all activations and a layer's
-        # transients (the head's gradient arrives first, when every activation is still saved).
-        phases["backward"] = persistent + saved + transient + gradients + optimizer_transient
+        # The head's gradient arrives first: its update runs while every activation is saved,
+        # the loss buffers are freed and the head's matmul backward has also produced the
+        # gradient of its input, (tokens, dim) in the compute dtype.
+        head = tensors[1]
+        phases["backward_head"] = (persistent + saved + c * tokens * dim
+                                   + elem * head.numel + update_bytes(head))
+        # Then one decoder layer at a time: its backward transients, with one of its tensors'
+        # gradient and update at once (counted with every activation still saved: an upper
+        # bound). The embedding's gradient arrives last, after the activations are freed.
+        phases["backward_layers"] = (persistent + saved + transient
+                                     + _max(elem * t.numel + update_bytes(t) for t in tensors[2:]))
     else:
         gradients = all_gradients
         # Backward through the top layer: every activation, head + final norm + one layer's grads.
