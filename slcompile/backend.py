@@ -17,6 +17,14 @@ arguments. Our options (:data:`DEFAULT_OPTIONS`):
   while the concatenated ``W`` raised the fwd+bwd peak by 8-20% of dense; on a GPU it saves
   kernel launches at small token counts (not measured yet).
 - ``fuse_min_group`` (int >= 2, default 2): smallest group the fusion pass fuses.
+- ``choose_path`` (bool, default False): :class:`~slcompile.passes.choose_path.ChoosePathPass`
+  on the Dynamo graph, after the pattern pass: each ``sl_linear`` with static shapes becomes
+  ``slcompile::sl_linear_factored`` (never forms ``W``) where :mod:`slcompile.cost_model`
+  estimates it at least 20% faster (few tokens, e.g. decoding). Off by default: on CPU
+  (``benchmarks/paths_bench.py``, 60m/130m shapes) the factored path was 4-50x faster at 1-16
+  tokens and 1.5-3x at 256, but near the crossover (square shapes, >= 1024 tokens, where the
+  two paths are within noise of each other) the model's choice measured up to 1.2x slower than
+  materialize in some runs; and on a GPU, where it runs cuSPARSE, it has not been measured.
 
 Every other key is an Inductor config option (``torch._inductor.list_options()``), applied with
 ``compile_fx(config_patches=...)`` for this compilation only (also for the backward graph,
@@ -40,6 +48,7 @@ from torch import fx
 
 import slcompile.kernels  # noqa: F401  (registers the CUDA Triton kernels of the custom ops)
 from slcompile import ops  # noqa: F401  (registers the slcompile:: custom ops)
+from slcompile.passes.choose_path import ChoosePathPass
 from slcompile.passes.fuse_shared_input import FuseSharedInputPass
 from slcompile.passes.pattern_sltrain import SLTrainPatternPass
 
@@ -47,7 +56,8 @@ __all__ = ["DEFAULT_OPTIONS", "BackendReport", "last_report", "make_backend", "p
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPTIONS: dict[str, Any] = {"pattern_sltrain": True, "fuse_shared_input": False, "fuse_min_group": 2}
+DEFAULT_OPTIONS: dict[str, Any] = {"pattern_sltrain": True, "fuse_shared_input": False, "fuse_min_group": 2,
+                                   "choose_path": False}
 
 
 @dataclass
@@ -86,7 +96,7 @@ def _split_options(options: dict[str, Any] | None) -> tuple[dict[str, Any], dict
     ours, inductor = dict(DEFAULT_OPTIONS), {}
     for key, value in (options or {}).items():
         (ours if key in DEFAULT_OPTIONS else inductor)[key] = value
-    for key in ("pattern_sltrain", "fuse_shared_input"):
+    for key in ("pattern_sltrain", "fuse_shared_input", "choose_path"):
         if not isinstance(ours[key], bool):
             raise ValueError(f"slcompile option {key!r} must be a bool, got {ours[key]!r}")
     return ours, inductor
@@ -100,7 +110,7 @@ def post_grad_passes(options: dict[str, Any] | None = None) -> list:
 
 def slcompile_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict[str, Any] | None = None,
                       mode: str | None = None) -> Callable:
-    """``torch.compile`` backend: our pre-AOTAutograd pass, then ``compile_fx`` with our post-grad pass."""
+    """``torch.compile`` backend: our pre-AOTAutograd passes, then ``compile_fx`` with our post-grad pass."""
     global _last
     from torch._inductor import config as inductor_config, list_mode_options
     from torch._inductor.compile_fx import compile_fx
@@ -114,6 +124,11 @@ def slcompile_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict
         pattern(gm.graph)
         if pattern.counts["sl_linear"]:
             gm.graph.lint()
+            gm.recompile()
+    if ours["choose_path"]:
+        chooser = report.passes["choose_path"] = ChoosePathPass()
+        chooser(gm.graph)
+        if chooser.counts["factored"]:
             gm.recompile()
     post = post_grad_passes(ours)
     if post:

@@ -102,21 +102,27 @@ def _(grad_y, x, A, B, values, support, scale, need_dx):
     return grad_x, torch.empty_like(A), torch.empty_like(B), torch.empty_like(values)
 
 
-def _setup_context(ctx, inputs, output):
+def setup_context(ctx, inputs, output):
     x, A, B, values, support, scale, bias = inputs
     ctx.save_for_backward(x, A, B, values, support)
     ctx.scale = scale
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad_y):
-    x, A, B, values, support = ctx.saved_tensors
-    needs = ctx.needs_input_grad  # one flag per input actually passed (bias may be omitted)
-    grads = sl_linear_backward(grad_y, x, A, B, values, support, ctx.scale, needs[0])
-    grads = [grad if need else None for grad, need in zip(grads, needs)] + [None, None]
-    if len(needs) > 6:
-        grads.append(grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and needs[6] else None)
-    return tuple(grads)
+def make_backward(backward_op):
+    """The autograd backward of an ``sl_linear``-shaped op whose gradients ``backward_op`` computes
+    as ``(dx, dA, dB, dvalues)`` from ``(grad_y, x, A, B, values, support, scale, need_dx)``."""
+
+    def backward(ctx, grad_y):
+        x, A, B, values, support = ctx.saved_tensors
+        needs = ctx.needs_input_grad  # one flag per input actually passed (bias may be omitted)
+        grads = backward_op(grad_y, x, A, B, values, support, ctx.scale, needs[0])
+        grads = [grad if need else None for grad, need in zip(grads, needs)] + [None, None]
+        if len(needs) > 6:
+            grads.append(grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and needs[6] else None)
+        return tuple(grads)
+
+    return backward
 
 
-sl_linear.register_autograd(_backward, setup_context=_setup_context)
+sl_linear.register_autograd(make_backward(sl_linear_backward), setup_context=setup_context)

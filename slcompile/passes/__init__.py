@@ -6,11 +6,15 @@
 - :class:`SLTrainPatternPass` (:mod:`slcompile.passes.pattern_sltrain`): on a Dynamo graph, an
   SLTrain product written with plain torch ops (``F.linear(x, s * B @ A + scatter(values))``)
   becomes one ``slcompile::sl_linear`` (used by the ``slcompile`` backend before AOTAutograd).
+- :class:`ChoosePathPass` (:mod:`slcompile.passes.choose_path`): on a Dynamo graph, each
+  ``sl_linear`` becomes ``sl_linear_factored`` where :mod:`slcompile.cost_model` estimates the
+  factored path (``W`` never formed) faster, e.g. at few tokens.
 - :class:`FuseSharedInputPass` (:mod:`slcompile.passes.fuse_shared_input`): Inductor post-grad pass
   fusing ``sl_linear`` calls that read the same input (q/k/v, gate/up) into one GEMM.
 """
+from slcompile.passes.choose_path import ChoosePathPass
 from slcompile.passes.fuse_shared_input import FuseSharedInputPass
 from slcompile.passes.linear_rewrite import rewrite_linears
 from slcompile.passes.pattern_sltrain import SLTrainPatternPass
 
-__all__ = ["FuseSharedInputPass", "SLTrainPatternPass", "rewrite_linears"]
+__all__ = ["ChoosePathPass", "FuseSharedInputPass", "SLTrainPatternPass", "rewrite_linears"]

@@ -1,0 +1,204 @@
+"""The factored SLTrain linear: ``y = scale * (x @ A.T) @ B.T + x @ S.T + bias``, ``W`` never formed.
+
+Same parameters and result as ``slcompile::sl_linear`` (:mod:`slcompile.ops`); a different
+schedule, cheaper when tokens are few (decoding): the materialize path costs ``2 r in out``
+FLOPs per ``W`` whatever the token count, this one ``2 N (r (in + out) + nnz)`` per product.
+:mod:`slcompile.cost_model` says which is cheaper; :mod:`slcompile.passes.choose_path` swaps
+``sl_linear`` for this op when it is.
+
+Ops (opaque to Dynamo/Inductor, like the ones of :mod:`slcompile.ops`):
+
+- ``slcompile::sl_linear_factored(x, A, B, values, support, scale, bias?) -> y``
+- ``slcompile::sl_linear_factored_backward(grad_y, x, A, B, values, support, scale, need_dx)
+  -> (dx, dA, dB, dvalues)`` (``dx`` empty when ``need_dx`` is False)::
+
+      dx      = scale * (dY @ B) @ A + dY @ S          # SpMM with S^T
+      dB      = scale * dY^T @ (x @ A^T)
+      dA      = scale * (dY @ B)^T @ x
+      dvalues = (dY^T @ x)[support]                    # SDDMM: one dot product per nonzero
+
+Memory plan: autograd saves only ``x`` and the (resident) parameters, as ``sl_linear`` and
+``nn.Linear`` do; ``x @ A^T`` (``(N, r)``) is **recomputed** in backward rather than saved. That
+costs ``2 N r in`` FLOPs (a seventh of the path's low-rank work when ``in == out``) but keeps
+activation memory equal to ``nn.Linear``'s and the op single-output; the cost model counts it.
+No ``(out, in)`` tensor exists at any point; transients are ``(N, r)``, ``(N, out)``, ``(N, in)``.
+
+Sparse products (CPU and, untuned, CUDA): ``torch.sparse_csr_tensor`` over the support, then
+``S @ x^T`` (MKL SpMM on CPU, cuSPARSE on CUDA), ``S^T @ dY^T`` with a CSR of ``S^T`` and
+``torch.sparse.sampled_addmm`` for ``dvalues``. On 1 CPU thread (fp32, 512-4096 wide, 1-512
+tokens) the CSR SpMM was 13-90x faster than gathering ``x`` columns and ``index_add``-ing them
+into output rows (``benchmarks/paths_bench.py --probe`` times both at one shape), and the
+CSR SDDMM 4-50x faster than two row gathers and a row-wise dot. MKL and cuSPARSE take fp32/fp64 only: fp16/bf16
+operands are multiplied in fp32 and the results rounded once. Both products run over blocks of
+``TOKEN_BLOCK`` = 256 tokens: per token, MKL's SpMM and SDDMM slowed down several-fold beyond
+a few hundred tokens (the dense operand leaves the L2 cache), and blocks were up to 2x faster
+at 2048 tokens. On CUDA these are library kernels, 3-150x below tensor-core speed
+(REFERENCE.md section 6): a Triton SpMM/SDDMM is the missing piece there.
+
+Index cache: the CSR patterns of ``S`` and ``S^T`` (``3 * nnz + in + out`` int32: three times
+the support's bytes) are built once per support tensor and kept while it lives, checked against
+its version counter and shape (inference tensors, without a version counter, are not cached).
+The support may be unsorted or hold repeats (as ``sl_linear`` allows): repeats add up in ``S``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from slcompile.ops import make_backward, setup_context
+
+__all__ = ["SparseIndex", "sl_linear_factored", "sl_linear_factored_backward", "sparse_index"]
+
+_SPARSE_DTYPES = (torch.float32, torch.float64)  # what MKL / cuSPARSE SpMM and SDDMM take
+TOKEN_BLOCK = 256  # tokens per sparse-library call (see the module doc)
+# torch warns once per process that CSR tensors are "beta"; these ops use only stable CSR calls.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+@dataclass(frozen=True)
+class SparseIndex:
+    """The support of ``S (out, in)`` as int32 CSR patterns of ``S`` and of ``S^T``.
+
+    ``order``: ``None`` if the support is sorted, else the permutation sorting it (``values[order]``
+    is in CSR order); ``crow (out + 1,)``, ``col (nnz,)``: CSR of ``S``; ``t_order (nnz,)``: the
+    CSR entries of ``S`` in column-major order (``S^T``'s CSR order); ``t_crow (in + 1,)``,
+    ``t_col (nnz,)``: CSR of ``S^T``.
+    """
+
+    shape: tuple[int, int]
+    order: Optional[Tensor]
+    crow: Tensor
+    col: Tensor
+    t_order: Tensor
+    t_crow: Tensor
+    t_col: Tensor
+
+    def csr(self, values: Tensor) -> Tensor:
+        """``S`` as a sparse CSR tensor with ``values`` (in the support's order)."""
+        if self.order is not None:
+            values = values.index_select(0, self.order)
+        return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
+
+    def csr_t(self, values: Tensor) -> Tensor:
+        """``S^T`` as a sparse CSR tensor with ``values`` (in the support's order)."""
+        order = self.t_order if self.order is None else self.order.index_select(0, self.t_order)
+        return torch.sparse_csr_tensor(self.t_crow, self.t_col, values.index_select(0, order),
+                                       self.shape[::-1], check_invariants=False)
+
+
+_CACHE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def sparse_index(support: Tensor, out_features: int, in_features: int) -> SparseIndex:
+    """Build (or fetch from the per-support-tensor cache) the :class:`SparseIndex` of ``support``."""
+    cacheable = not support.is_inference()
+    key = (support._version if cacheable else None, support.numel(), out_features, in_features)
+    cached = _CACHE.get(support) if cacheable else None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    flat = support.reshape(-1).long()
+    order = None
+    if flat.numel() > 1 and not bool((flat[1:] >= flat[:-1]).all()):
+        flat, order = torch.sort(flat, stable=True)
+    rows, cols = flat // in_features, flat % in_features
+    device = flat.device
+    crow = torch.searchsorted(flat, torch.arange(out_features + 1, device=device) * in_features, out_int32=True)
+    t_key, t_order = torch.sort(cols * out_features + rows, stable=True)
+    t_crow = torch.searchsorted(t_key, torch.arange(in_features + 1, device=device) * out_features, out_int32=True)
+    index = SparseIndex((out_features, in_features), order, crow, cols.int(), t_order.int(), t_crow,
+                        rows.index_select(0, t_order).int())
+    if cacheable:
+        _CACHE[support] = (key, index)
+    return index
+
+
+def _sparse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in _SPARSE_DTYPES else torch.float32
+
+
+def _token_blocks(tokens: int) -> list[slice]:
+    return [slice(start, start + TOKEN_BLOCK) for start in range(0, tokens, TOKEN_BLOCK)]
+
+
+def _spmm(matrix: Tensor, dense_t: Tensor) -> Tensor:
+    """``matrix (m, k)`` sparse CSR times ``dense_t (k, N)``, computed in ``matrix``'s dtype: ``(m, N)``."""
+    if matrix.values().numel() == 0 or dense_t.shape[1] == 0:
+        return dense_t.new_zeros(matrix.shape[0], dense_t.shape[1], dtype=matrix.dtype)
+    dense_t = dense_t.to(matrix.dtype)
+    blocks = [matrix @ dense_t[:, block] for block in _token_blocks(dense_t.shape[1])]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+
+
+def _sddmm(index: SparseIndex, left: Tensor, right: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(left @ right)`` at the support, in the support's order: ``left (out, N)``, ``right (N, in)``."""
+    work = _sparse_dtype(dtype)
+    sampled = torch.sparse_csr_tensor(index.crow, index.col, left.new_zeros(index.col.numel(), dtype=work),
+                                      index.shape, check_invariants=False)  # zeros: beta=0 still reads NaNs
+    left, right = left.to(work), right.to(work)
+    for block in _token_blocks(right.shape[0]):  # accumulates into the previous block's result (beta=1)
+        sampled = torch.sparse.sampled_addmm(sampled, left[:, block], right[block])
+    sampled = sampled.values()
+    if index.order is not None:
+        sampled = torch.empty_like(sampled).index_copy_(0, index.order, sampled)
+    return sampled.to(dtype)
+
+
+@torch.library.custom_op("slcompile::sl_linear_factored", mutates_args=())
+def sl_linear_factored(x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float,
+                       bias: Optional[Tensor] = None) -> Tensor:
+    """``y (..., out) = scale * (x @ A.T) @ B.T + x @ S.T + bias`` for ``x (..., in)``; ``W`` never formed.
+
+    ``A (r, in)``, ``B (out, r)``, ``values (nnz,)``, ``support (nnz,)`` int32/int64 flat
+    row-major indices into ``(out, in)``; one float dtype for ``x`` and the parameters.
+    """
+    in_features, out_features = A.shape[1], B.shape[0]
+    x2d = x.reshape(-1, in_features)
+    index = sparse_index(support, out_features, in_features)
+    sparse = _spmm(index.csr(values.to(_sparse_dtype(values.dtype))), x2d.t()).to(x.dtype)  # (out, N)
+    y = torch.addmm(sparse.t(), torch.mm(x2d, A.t()), B.t(), alpha=scale)
+    if bias is not None:
+        y.add_(bias)
+    return y.view(*x.shape[:-1], out_features)
+
+
+@sl_linear_factored.register_fake
+def _(x, A, B, values, support, scale, bias=None):
+    return x.new_empty(*x.shape[:-1], B.shape[0])
+
+
+@torch.library.custom_op("slcompile::sl_linear_factored_backward", mutates_args=())
+def sl_linear_factored_backward(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: Tensor,
+                                support: Tensor, scale: float, need_dx: bool
+                                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``sl_linear_factored`` w.r.t. ``x``, ``A``, ``B``, ``values`` (bias is a plain sum).
+
+    ``grad_y (..., out)``, ``x (..., in)``. ``dx`` is an empty tensor when ``need_dx`` is False.
+    ``x @ A^T`` is recomputed here (see the module doc).
+    """
+    in_features, out_features = A.shape[1], B.shape[0]
+    x2d, g2d = x.reshape(-1, in_features), grad_y.reshape(-1, out_features)
+    index = sparse_index(support, out_features, in_features)
+    grad_low = torch.mm(g2d, B)  # (N, r): dY @ B, shared by dx and dA
+    if need_dx:
+        sparse = _spmm(index.csr_t(values.to(_sparse_dtype(values.dtype))), g2d.t()).to(x.dtype)  # (in, N)
+        grad_x = torch.addmm(sparse.t(), grad_low, A, alpha=scale).view(x.shape)
+    else:
+        grad_x = x.new_empty(0)
+    grad_b = torch.mm(g2d.t(), torch.mm(x2d, A.t())).mul_(scale)
+    grad_a = torch.mm(grad_low.t(), x2d).mul_(scale)
+    grad_values = _sddmm(index, g2d.t(), x2d, values.dtype)
+    return grad_x, grad_a, grad_b, grad_values
+
+
+@sl_linear_factored_backward.register_fake
+def _(grad_y, x, A, B, values, support, scale, need_dx):
+    grad_x = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return grad_x, torch.empty_like(A), torch.empty_like(B), torch.empty_like(values)
+
+
+sl_linear_factored.register_autograd(make_backward(sl_linear_factored_backward), setup_context=setup_context)
