@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from slcompile.compare import compare, markdown
+from slcompile.data import load_text_data
 from slcompile.sweep import sweep
 from slcompile.train import TrainConfig
 
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         report = sweep(base, list(METHODS), list(SWEEP_LRS), out / "sweep")
         SWEEP_FILE.write_text(json.dumps(report, indent=2, default=list) + "\n")
     lrs = best_learning_rates(SWEEP_FILE)
+    # Tokenize once here: otherwise the first run's peak memory would include building the cache.
+    load_text_data(vocab_size=settings.get("vocab_size", TrainConfig.vocab_size))
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     commands = [train_command(settings, m, lrs[m], out / m, threads) for m in methods]
     for cmd in commands:
