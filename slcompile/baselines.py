@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from slcompile.config import SLConfig
-from slcompile.transform import ReplacedLayer, TransformReport, _swap, select_linears
+from slcompile.transform import ReplacedLayer, TransformReport, count_parameters, select_linears, swap_module
 
 LOWRANK_INITS = ("matched", "paper")
 
@@ -69,7 +69,7 @@ def to_lowrank(model: nn.Module, cfg: SLConfig, init: str = "matched") -> tuple[
 
     With ``init="matched"`` each product is scaled like the weight it replaces (its measured std).
     """
-    report = TransformReport(params_before=sum(p.numel() for p in model.parameters()))
+    report = TransformReport(params_before=count_parameters(model))
     chosen, report.kept = select_linears(model, cfg)
     for name, linear in chosen:
         weight = linear.weight
@@ -77,8 +77,8 @@ def to_lowrank(model: nn.Module, cfg: SLConfig, init: str = "matched") -> tuple[
         layer = LowRankLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               rank=cfg.rank_for(linear.in_features, linear.out_features, name), alpha=cfg.alpha,
                               init=init, target_std=std, device=weight.device, dtype=weight.dtype)
-        model = _swap(model, name, layer)
+        model = swap_module(model, name, layer)
         report.replaced.append(ReplacedLayer(name, layer.in_features, layer.out_features, layer.rank, 0,
                                              layer.bias is not None))
-    report.params_after = sum(p.numel() for p in model.parameters())
+    report.params_after = count_parameters(model)
     return model, report

@@ -81,11 +81,11 @@ class TransformReport:
         return "\n".join(lines)
 
 
-def _param_count(model: nn.Module) -> int:
+def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _shared_weights(model: nn.Module) -> tuple[set[int], set[int]]:
+def shared_weights(model: nn.Module) -> tuple[set[int], set[int]]:
     """Ids of embedding weights, and of parameters registered in more than one place."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     seen: dict[int, int] = {}
@@ -142,7 +142,7 @@ def select_linears(model: nn.Module, cfg: SLConfig) -> tuple[list[tuple[str, nn.
     """The ``nn.Linear`` modules of ``model`` to replace, and ``{name: reason}`` for those kept."""
     names = [name for name, _ in model.named_modules()]
     check_targets_used(cfg, names)
-    tied, shared = _shared_weights(model)
+    tied, shared = shared_weights(model)
     chosen, kept = [], {}
     for name, module in model.named_modules():
         if isinstance(module, SLLinear):
@@ -170,7 +170,7 @@ def describe(name: str, layer: SLLinear) -> ReplacedLayer:
                          nnz_for(layer.in_features, layer.out_features, layer.density), layer.bias is not None)
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at ``name`` in ``model``; returns the (possibly new) root."""
     if not name:
         return new
@@ -191,7 +191,7 @@ def transform(model: nn.Module, cfg: SLConfig) -> tuple[nn.Module, TransformRepo
     """
     if not isinstance(cfg, SLConfig):
         raise TypeError(f"transform expects an SLConfig, got {type(cfg).__name__}")
-    report = TransformReport(params_before=_param_count(model))
+    report = TransformReport(params_before=count_parameters(model))
     chosen, report.kept = select_linears(model, cfg)
     already = any(isinstance(m, SLLinear) for m in model.modules())
     if not chosen and not already:
@@ -199,9 +199,9 @@ def transform(model: nn.Module, cfg: SLConfig) -> tuple[nn.Module, TransformRepo
         raise ValueError(f"transform found no eligible nn.Linear in {type(model).__name__} ({kept})")
     for name, linear in chosen:
         layer = build_sl_linear(name, linear, cfg)
-        model = _swap(model, name, layer)
+        model = swap_module(model, name, layer)
         report.replaced.append(describe(name, layer))
-    report.params_after = _param_count(model)
+    report.params_after = count_parameters(model)
     return model, report
 
 
@@ -217,5 +217,5 @@ def merge(model: nn.Module) -> nn.Module:
             linear.weight.copy_(layer.dense_weight())
             if layer.bias is not None:
                 linear.bias.copy_(layer.bias)
-        model = _swap(model, name, linear)
+        model = swap_module(model, name, linear)
     return model

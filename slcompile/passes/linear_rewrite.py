@@ -49,7 +49,7 @@ from torch.nn import functional as F
 
 from slcompile.config import SLConfig
 from slcompile.layers import SLLinear
-from slcompile.transform import (TransformReport, _param_count, _shared_weights, _swap, build_sl_linear,
+from slcompile.transform import (TransformReport, count_parameters, shared_weights, swap_module, build_sl_linear,
                                  check_targets_used, describe, linear_keep_reason, linear_wrapped_reason)
 
 __all__ = ["rewrite_linears"]
@@ -264,7 +264,7 @@ def _select(gm: fx.GraphModule, cfg: SLConfig) -> tuple[list[tuple[str, _Layer]]
             continue
         layers.setdefault(path, _Layer(path)).uses.append(linear)
     check_targets_used(cfg, [name for name, _ in gm.named_modules()] + [_layer_name(p)[0] for p in layers])
-    tied, shared = _shared_weights(gm)
+    tied, shared = shared_weights(gm)
     tied |= _embedding_weights(gm)
     chosen = []
     for path, layer in layers.items():
@@ -306,7 +306,7 @@ def _install(gm: fx.GraphModule, name: str, layer: _Layer, cfg: SLConfig) -> tup
     if not replace_owner:
         delattr(gm.get_submodule(owner_path), attr)  # the parameter's slot becomes the SLLinear submodule
     path = owner_path if replace_owner else layer.path
-    _swap(gm, path, sl)
+    swap_module(gm, path, sl)
     return path, sl
 
 
@@ -338,7 +338,7 @@ def rewrite_linears(gm: fx.GraphModule, cfg: SLConfig) -> tuple[fx.GraphModule, 
         raise TypeError(f"rewrite_linears expects a torch.fx.GraphModule, got {type(gm).__name__}")
     if not isinstance(cfg, SLConfig):
         raise TypeError(f"rewrite_linears expects an SLConfig, got {type(cfg).__name__}")
-    report = TransformReport(params_before=_param_count(gm))
+    report = TransformReport(params_before=count_parameters(gm))
     chosen, report.kept = _select(gm, cfg)
     already = (any(node.target is SL_LINEAR for node in gm.graph.nodes)
                or any(isinstance(m, SLLinear) for m in gm.modules()))
@@ -354,5 +354,5 @@ def rewrite_linears(gm: fx.GraphModule, cfg: SLConfig) -> tuple[fx.GraphModule, 
         report.replaced.append(describe(name, sl))
     gm.graph.lint()
     gm.recompile()
-    report.params_after = _param_count(gm)
+    report.params_after = count_parameters(gm)
     return gm, report
