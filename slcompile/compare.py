@@ -46,7 +46,7 @@ def markdown(rows: list[dict]) -> str:
     columns = [("run", "run", "{}"), ("method", "method", "{}"), ("lr", "lr", "{:g}"),
                ("trainable_params", "trainable params", "{:,}"), ("linear_params_vs_full", "linears vs full", "{:.3f}x"),
                ("params_vs_full", "params vs full", "{:.3f}x"), ("state_mb", "params+grads+opt MB", "{:.1f}"),
-               ("peak_memory_mb", "peak memory MB", "{:.0f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
+               ("peak_memory_mb", "peak MB (CUDA: allocated; CPU: process RSS)", "{:.0f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
                ("val_ppl", "val ppl", "{:.2f}"), ("ppl_vs_full", "ppl vs full", "{:.3f}x")]
     columns = [c for c in columns if any(c[0] in row for row in rows)]
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
