@@ -155,15 +155,19 @@ ConfigLike = Union[LlamaConfig, str]
 Breakdown = Union["MemoryBreakdown", sympy.Expr]
 
 
-class _Nnz(sympy.Function):
+class _Count(sympy.Function):
+    """A non-negative integer known only once its arguments are numbers (counts and byte sizes)."""
+
+    is_integer = True
+    is_nonnegative = True
+
+
+class _Nnz(_Count):
     """``nnz = int(density * in * out)`` (Python's float product, truncated) once all are numbers.
 
     Delegated to :func:`slcompile.support.nnz_for` so the count is the layers' own, bit for bit; a
     symbolic ``floor`` would multiply in sympy's order and precision instead of Python's.
     """
-
-    is_integer = True
-    is_nonnegative = True
 
     @classmethod
     def eval(cls, dens, fan_in, fan_out):
@@ -172,7 +176,7 @@ class _Nnz(sympy.Function):
         return None
 
 
-class _LowBitStepBytes(sympy.Function):
+class _LowBitStepBytes(_Count):
     """Bytes torchao's compiled 8/4-bit step (``single_param_adam``, ``compile_step=True``) of one
     ``numel``-element tensor allocates while it runs; ``cpu`` is 1 for Inductor's CPU kernel, 0
     for CUDA.
@@ -193,9 +197,6 @@ class _LowBitStepBytes(sympy.Function):
     states, whose compiled step works in place: nothing but scalars (not counted).
     """
 
-    is_integer = True
-    is_nonnegative = True
-
     @classmethod
     def eval(cls, numel, bits, cpu):
         if not numel.is_number:
@@ -211,13 +212,10 @@ class _LowBitStepBytes(sympy.Function):
         return sympy.Integer(fp32 + codes)
 
 
-class _PaddedCopyBytes(sympy.Function):
+class _PaddedCopyBytes(_Count):
     """Bytes of the zero-padded flat copies of value and gradient (``elem`` bytes per element)
     through which ``slcompile.optim`` steps a tensor whose low-bit state length is padded
     (:func:`state_numel`); 0 if it is not padded."""
-
-    is_integer = True
-    is_nonnegative = True
 
     @classmethod
     def eval(cls, numel, bits, elem):
@@ -228,16 +226,13 @@ class _PaddedCopyBytes(sympy.Function):
         return sympy.Integer(2 * int(elem) * padded if padded > n else 0)
 
 
-class _LowBitStateBytes(sympy.Function):
+class _LowBitStateBytes(_Count):
     """Bytes of one torchao 8/4-bit Adam state of a tensor with ``numel`` elements.
 
     Quantized (codes + one fp32 scale per block + fp32 lookup table, over ``numel`` padded to a
     whole block as ``slcompile.optim`` does) when ``numel >= 4096``; otherwise a plain tensor of
     ``fallback`` bytes per element.
     """
-
-    is_integer = True
-    is_nonnegative = True
 
     @classmethod
     def eval(cls, numel, bits, fallback):
