@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 DEFAULT_HEAD_NAMES = ("lm_head", "output")
+PATH_CHOICES = ("auto", "materialize", "factored")
 
 
 def _check_finite(field: str, value: float) -> None:
@@ -36,6 +37,10 @@ class SLConfig:
     equals a trailing part of it (``"q_proj"`` matches ``"layers.0.attn.q_proj"``) or is a regex
     that ``re.fullmatch``-es it. ``targets=None`` means every ``nn.Linear`` except those matched by
     ``head_names`` and those whose weight is tied to an ``nn.Embedding``.
+
+    ``path``: how each layer computes in eager mode (:class:`~slcompile.SLLinear`): ``"materialize"``
+    (form ``W``, one GEMM), ``"factored"`` (``x A^T B^T + x S^T``, no ``W``) or ``"auto"`` (per
+    call, the cheaper of the two for that token count by :mod:`slcompile.cost_model`).
     """
 
     rank: Optional[int] = None
@@ -46,6 +51,7 @@ class SLConfig:
     targets: Optional[tuple[str, ...]] = None
     exclude: tuple[str, ...] = ()
     head_names: tuple[str, ...] = DEFAULT_HEAD_NAMES
+    path: str = "auto"
 
     def __post_init__(self) -> None:
         if (self.rank is None) == (self.rank_ratio is None):
@@ -65,6 +71,8 @@ class SLConfig:
             raise ValueError(f"SLConfig.density must lie in the open interval (0, 1), got {self.density!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"SLConfig.seed must be an int, got {self.seed!r}")
+        if self.path not in PATH_CHOICES:
+            raise ValueError(f"SLConfig.path must be one of {PATH_CHOICES}, got {self.path!r}")
         targets = None if self.targets is None else _check_patterns("targets", self.targets)
         if targets == ():
             raise ValueError("SLConfig.targets must name at least one module (use None for the default)")

@@ -38,6 +38,12 @@ Devices (:data:`DEVICES`; every number is an assumption, stated with its source)
 - ``"h200-cusparse"``: what the factored op runs on CUDA today (torch CSR -> cuSPARSE): the
   same but SpMM at 3.6 TFLOP/s and SDDMM at 0.5 TFLOP/s (fitted to REFERENCE.md section 6:
   SpMM 3.6-3.7 TFLOP/s at every shape, sampled dS 0.22-0.86 TFLOP/s).
+- ``"h200-triton"``: what the ops run on CUDA with slcompile's Triton kernels registered
+  (:mod:`slcompile.kernels`; none has run on a GPU yet, so every rate is still an assumption):
+  the ``h200`` rates, ``dvalues`` from the ``dW`` GEMM's epilogue (``gather_in_gemm``: no gather
+  pass in the materialize path; in the factored path a dense-rate GEMM that stores nothing), and
+  SpMM at 10 TFLOP/s: the lockstep kernel reads one 128-byte line (64 bf16 tokens) of ``x`` per
+  nonzero and token block, ~2 bytes per FMA from L2, and ~10 TB/s of L2 bandwidth bounds it there.
 - ``"cpu"``: one core of this project's 2-core CI machine (AMD EPYC, AVX-512, MKL, fp32),
   fitted by ``benchmarks/paths_bench.py`` to eager times of both paths (60m/130m shapes, 1-4096
   tokens): GEMM 56 GFLOP/s, forming ``W`` 63, MKL CSR SpMM/SDDMM 4.5 (blocks of 256 tokens),
@@ -58,14 +64,20 @@ multiple of dense ``nn.Linear`` (``benchmarks/paths_bench.py`` prints the full t
     h200           1B              4.27/2.29    4.25/2.29    1.55/1.15    1.07/0.93
     h200           7B              9.87/1.41    9.83/1.41    1.86/1.25    1.11/1.20
     h200-cusparse  7B              9.87/1.48    9.83/3.60    1.86/29.1    1.11/29.8
+    h200-triton    7B              9.76/1.41    9.72/1.52    1.84/3.10    1.11/3.09
 
 (materialize at 1B/7B, 2k/8k/16k tokens: 1.55/1.15/1.08 and 1.86/1.22/1.11, against
 REFERENCE.md section 5's measured reference 1.45/1.15/1.03 and 1.77/1.22/1.11; at 350M the
 measured 2.35-1.80 is launch and memory bound beyond this model.) With library sparse kernels
-(``h200-cusparse``, what runs today) the factored path wins only below ~40-60 tokens in
-training at 1B/7B (per shape; ~70-170 in forward); with a CUDA-core SpMM/SDDMM (``h200``) it
+(``h200-cusparse``) the factored path wins only below ~40-60 tokens in training at 1B/7B (per
+shape; ~70-170 in forward); with a CUDA-core SpMM/SDDMM at 70% of FP32 peak (``h200``) it
 would win at every paper token count at 1B (1.15/0.97/0.93x dense at 2k/8k/16k) and up to
-5k-16k tokens at 7B (1.25/1.20/1.20x dense).
+5k-16k tokens at 7B (1.25/1.20/1.20x dense); with our Triton kernels as modelled
+(``h200-triton``: SpMM bound by L2 gathers) only below ~20-40 tokens. What bounds the factored
+path: its two SpMMs (``4 N nnz`` FLOPs in training) cannot use tensor cores on a random
+support, so they cost ``density * tensor rate / CUDA-core rate`` of a dense GEMM each (0.05 *
+989 / 67 = 0.74 at 7B even at FP32 peak): beating dense needs a support with tile structure,
+which is a different method.
 """
 from __future__ import annotations
 
@@ -76,7 +88,8 @@ from typing import Callable, Literal, Sequence
 
 import sympy
 
-__all__ = ["DEVICES", "DeviceSpec", "Kernel", "PATHS", "choose_path", "crossover_tokens", "device_for",
+__all__ = ["DEFAULT_MARGIN", "DEVICES", "DeviceSpec", "Kernel", "PATHS", "choose_path", "choose_path_for_call",
+           "crossover_tokens", "device_for",
            "flop_crossover", "flop_ratio", "flops", "kernel_times", "kernels", "layer_costs", "moved_bytes",
            "path_time"]
 
@@ -116,23 +129,34 @@ def _spmm(name: str, rows, cols) -> Kernel:
 
 
 @functools.cache
-def kernels(path: Path, mode: Mode = "train", recompute_xa: bool = True) -> tuple[Kernel, ...]:
+def kernels(path: Path, mode: Mode = "train", recompute_xa: bool = True,
+            gather_in_gemm: bool = False) -> tuple[Kernel, ...]:
     """The kernels ``path`` runs, in order. ``recompute_xa``: the factored backward recomputes
-    ``x A^T`` (what :mod:`slcompile.ops_factored` does) rather than reading a saved one."""
+    ``x A^T`` (what :mod:`slcompile.ops_factored` does) rather than reading a saved one.
+    ``gather_in_gemm``: ``dvalues`` come out of a ``dY^T x`` GEMM's epilogue
+    (:mod:`slcompile.kernels.grad_weight`): the materialize path has no gather pass over ``dW``,
+    and the factored path's SDDMM is that GEMM at dense rate, ``2 N in out`` FLOPs, storing
+    nothing ``(out, in)``."""
     if path == "dense":
         fwd = [_gemm("y = x W^T", N, IN, OUT)]
         bwd = [_gemm("dx = dY W", N, OUT, IN), _gemm("dW = dY^T x", OUT, N, IN)]
     elif path == "materialize":
         fwd = [_form_w("form W"), _gemm("y = x W^T", N, IN, OUT)]
-        bwd = [_form_w("form W again"), _gemm("dx = dY W", N, OUT, IN), _gemm("dW = dY^T x", OUT, N, IN),
-               _gemm("dB = dW A^T", OUT, IN, R), _gemm("dA = B^T dW", R, OUT, IN),
-               Kernel("dvalues = dW[support]", sympy.Integer(0), NNZ * (2 * B + IB), "memory")]
+        grad_w = _gemm("dW = dY^T x", OUT, N, IN)
+        if gather_in_gemm:
+            gather = [Kernel("dW = dY^T x, dvalues in its epilogue", grad_w.flops, grad_w.bytes + NNZ * (B + IB),
+                             "dense")]
+        else:
+            gather = [grad_w, Kernel("dvalues = dW[support]", sympy.Integer(0), NNZ * (2 * B + IB), "memory")]
+        bwd = [_form_w("form W again"), _gemm("dx = dY W", N, OUT, IN), *gather,
+               _gemm("dB = dW A^T", OUT, IN, R), _gemm("dA = B^T dW", R, OUT, IN)]
     elif path == "factored":
         fwd = [_gemm("xa = x A^T", N, IN, R), _gemm("y = xa B^T", N, R, OUT), _spmm("y += S x", OUT, IN)]
         bwd = [_gemm("gb = dY B", N, OUT, R), _gemm("dx = gb A", N, R, IN), _spmm("dx += dY S", IN, OUT),
                *([_gemm("xa = x A^T again", N, IN, R)] if recompute_xa else []),
                _gemm("dB = dY^T xa", OUT, N, R), _gemm("dA = gb^T x", R, N, IN),
-               Kernel("dvalues = (dY^T x)[support]", 2 * N * NNZ, NNZ * (B + IB) + B * N * (IN + OUT), "sddmm")]
+               Kernel("dvalues = (dY^T x)[support]", 2 * N * (IN * OUT if gather_in_gemm else NNZ),
+                      NNZ * (B + IB) + B * N * (IN + OUT), "dense" if gather_in_gemm else "sddmm")]
     else:
         raise ValueError(f"unknown path {path!r}: expected one of {(*PATHS, 'dense')}")
     if mode not in ("train", "forward"):
@@ -140,9 +164,9 @@ def kernels(path: Path, mode: Mode = "train", recompute_xa: bool = True) -> tupl
     return tuple(fwd + (bwd if mode == "train" else []))
 
 
-def flops(path: Path, mode: Mode = "train", recompute_xa: bool = True) -> sympy.Expr:
+def flops(path: Path, mode: Mode = "train", recompute_xa: bool = True, gather_in_gemm: bool = False) -> sympy.Expr:
     """Total FLOPs of ``path`` (sympy, in ``N, in, out, r, nnz``)."""
-    return sympy.expand(sum(k.flops for k in kernels(path, mode, recompute_xa)))
+    return sympy.expand(sum(k.flops for k in kernels(path, mode, recompute_xa, gather_in_gemm)))
 
 
 def moved_bytes(path: Path, mode: Mode = "train", recompute_xa: bool = True) -> sympy.Expr:
@@ -171,7 +195,8 @@ class DeviceSpec:
     ``dense_flops``: achieved FLOP/s of a large GEMM in the compute dtype; ``form_flops``: of
     forming ``W = scale * B @ A + S`` (a GEMM with ``K = r``, often slower); ``spmm_flops`` /
     ``sddmm_flops``: achieved FLOP/s of the sparse products over a random support;
-    ``bandwidth``: bytes/s; ``launch_s``: fixed cost per kernel (launch, dispatch)."""
+    ``bandwidth``: bytes/s; ``launch_s``: fixed cost per kernel (launch, dispatch);
+    ``gather_in_gemm``: ``dvalues`` come out of a GEMM epilogue (see :func:`kernels`)."""
 
     name: str
     dense_flops: float
@@ -180,6 +205,7 @@ class DeviceSpec:
     sddmm_flops: float
     bandwidth: float
     launch_s: float
+    gather_in_gemm: bool = False
 
     def rate(self, unit: str) -> float:
         return {"dense": self.dense_flops, "form": self.form_flops, "spmm": self.spmm_flops, "sddmm": self.sddmm_flops,
@@ -191,28 +217,36 @@ _H200 = DeviceSpec("h200", dense_flops=690e12, form_flops=465e12, spmm_flops=47e
 DEVICES: dict[str, DeviceSpec] = {
     "h200": _H200,
     "h200-cusparse": replace(_H200, name="h200-cusparse", spmm_flops=3.6e12, sddmm_flops=0.5e12),
+    "h200-triton": replace(_H200, name="h200-triton", spmm_flops=10e12, gather_in_gemm=True),
     "cpu": DeviceSpec("cpu", dense_flops=56e9, form_flops=63e9, spmm_flops=4.5e9, sddmm_flops=4.5e9, bandwidth=2.7e9,
                       launch_s=70e-6),
 }
 
 
 def device_for(device: str | DeviceSpec) -> DeviceSpec:
-    """A :class:`DeviceSpec` from itself, a name in :data:`DEVICES`, or a torch device type
-    (``"cuda"`` -> ``"h200-cusparse"``, what runs there today; ``"cpu"`` -> ``"cpu"``)."""
+    """A :class:`DeviceSpec` from itself, a name in :data:`DEVICES`, or a torch device type:
+    ``"cuda"`` -> what runs there: ``"h200-triton"`` when slcompile's Triton kernels are
+    registered (:func:`slcompile.kernels.cuda_kernels_registered`), else ``"h200-cusparse"``;
+    ``"cpu"`` -> ``"cpu"``."""
     if isinstance(device, DeviceSpec):
         return device
-    name = {"cuda": "h200-cusparse"}.get(str(device), str(device))
+    name = str(device)
+    if name == "cuda":
+        from slcompile.kernels import cuda_kernels_registered  # lazy: the model itself needs no kernels
+
+        name = "h200-triton" if cuda_kernels_registered() else "h200-cusparse"
     if name not in DEVICES:
         raise ValueError(f"unknown device {device!r}: expected a DeviceSpec or one of {sorted(DEVICES)} or 'cuda'")
     return DEVICES[name]
 
 
 @functools.cache
-def _numeric(path: Path, mode: Mode, recompute_xa: bool) -> tuple[tuple[str, ...], Callable, Callable]:
-    """``(units, flops_fn, bytes_fn)``: per-kernel lists as fast functions of the symbols."""
-    ks = kernels(path, mode, recompute_xa)
-    return (tuple(k.unit for k in ks), sympy.lambdify(_SYMBOLS, [k.flops for k in ks], "math"),
-            sympy.lambdify(_SYMBOLS, [k.bytes for k in ks], "math"))
+def _numeric(path: Path, mode: Mode, recompute_xa: bool, gather_in_gemm: bool
+             ) -> tuple[tuple[str, ...], tuple[str, ...], Callable, Callable]:
+    """``(names, units, flops_fn, bytes_fn)``: per-kernel lists as fast functions of the symbols."""
+    ks = kernels(path, mode, recompute_xa, gather_in_gemm)
+    return (tuple(k.name for k in ks), tuple(k.unit for k in ks),
+            sympy.lambdify(_SYMBOLS, [k.flops for k in ks], "math"), sympy.lambdify(_SYMBOLS, [k.bytes for k in ks], "math"))
 
 
 def kernel_times(path: Path, tokens: int, in_features: int, out_features: int, rank: int, nnz: int,
@@ -220,9 +254,8 @@ def kernel_times(path: Path, tokens: int, in_features: int, out_features: int, r
                  index_bytes: int = 4, recompute_xa: bool = True) -> dict[str, float]:
     """Seconds of each kernel of ``path`` (roofline plus launch), by kernel name."""
     spec = device_for(device)
-    units, flops_fn, bytes_fn = _numeric(path, mode, recompute_xa)
+    names, units, flops_fn, bytes_fn = _numeric(path, mode, recompute_xa, spec.gather_in_gemm)
     values = (tokens, in_features, out_features, rank, nnz, dtype_bytes, index_bytes)
-    names = [k.name for k in kernels(path, mode, recompute_xa)]
     return {name: max(f / spec.rate(unit), b / spec.bandwidth) + spec.launch_s
             for name, unit, f, b in zip(names, units, flops_fn(*values), bytes_fn(*values))}
 
@@ -235,6 +268,12 @@ def path_time(path: Path, tokens: int, in_features: int, out_features: int, rank
                             index_bytes, recompute_xa).values())
 
 
+# Factored only where the model promises a 20% saving: on CPU its estimate of factored/materialize
+# ran 0.1-0.2 low near the crossover (benchmarks/paths_bench.py); materialize is the path tuned
+# and measured for training, so an uncertain call goes its way.
+DEFAULT_MARGIN = 0.8
+
+
 def choose_path(tokens: int, in_features: int, out_features: int, rank: int, nnz: int,
                 device: str | DeviceSpec = "h200", mode: Mode = "train", dtype_bytes: int = 2,
                 margin: float = 1.0) -> Literal["materialize", "factored"]:
@@ -243,6 +282,20 @@ def choose_path(tokens: int, in_features: int, out_features: int, rank: int, nnz
     when ``margin < 1``, keeps it)."""
     args = (tokens, in_features, out_features, rank, nnz, device, mode, dtype_bytes)
     return "factored" if path_time("factored", *args) < margin * path_time("materialize", *args) else "materialize"
+
+
+@functools.lru_cache(maxsize=4096)
+def choose_path_for_call(tokens: int, in_features: int, out_features: int, rank: int, nnz: int, device_type: str,
+                         mode: Mode, dtype_bytes: int) -> Literal["materialize", "factored"]:
+    """:func:`choose_path` with :data:`DEFAULT_MARGIN` on the preset of a torch device type
+    (:func:`device_for`), memoized: what ``SLLinear(path="auto")`` asks on every call (a few
+    microseconds the first time a shape is seen, a dict lookup after). Device types without a
+    preset get ``"materialize"``."""
+    try:
+        device = device_for(device_type)
+    except ValueError:
+        return "materialize"
+    return choose_path(tokens, in_features, out_features, rank, nnz, device, mode, dtype_bytes, DEFAULT_MARGIN)
 
 
 def crossover_tokens(in_features: int, out_features: int, rank: int, nnz: int, device: str | DeviceSpec = "h200",

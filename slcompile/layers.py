@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from slcompile import ops
+from slcompile import cost_model, ops, ops_factored
 from slcompile.config import SLConfig
 from slcompile.support import generate_support, nnz_for
 
@@ -22,11 +22,19 @@ class SLLinear(nn.Module):
     U(-1/sqrt(in), 1/sqrt(in)); so at step 0 the layer is ``S`` alone.
 
     Input ``(..., in)`` in the parameters' dtype (or any float dtype under autocast), output
-    ``(..., out)``. Only ``x`` is saved for backward, as for ``nn.Linear``.
+    ``(..., out)``. Only ``x`` is saved for backward, as for ``nn.Linear``, on either path.
+
+    ``path``: ``"materialize"`` (``slcompile::sl_linear``: form ``W``, one GEMM), ``"factored"``
+    (``slcompile::sl_linear_factored``: ``x A^T B^T + x S^T``, no ``(out, in)`` tensor) or
+    ``"auto"``: per call in eager mode, the one :func:`slcompile.cost_model.choose_path_for_call`
+    estimates cheaper for this token count, device type, dtype and mode (training if a gradient
+    will flow, else forward); few tokens (decoding, small batches on CPU) go factored. Under
+    ``torch.compile`` and FX tracing ``"auto"`` traces the materialize op (the backend's
+    ``choose_path`` pass decides there, on static shapes).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int,
-                 alpha: float = 32.0, density: float = 0.03, seed: int = 0,
+                 alpha: float = 32.0, density: float = 0.03, seed: int = 0, path: str = "auto",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         for field, size in (("in_features", in_features), ("out_features", out_features)):
@@ -35,8 +43,9 @@ class SLLinear(nn.Module):
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"SLLinear needs a floating-point dtype, got {dtype}")
         # SLConfig owns the validation of rank/alpha/density/seed, so both entry points agree.
-        SLConfig(rank=rank, alpha=alpha, density=density, seed=seed).rank_for(in_features, out_features)
+        SLConfig(rank=rank, alpha=alpha, density=density, seed=seed, path=path).rank_for(in_features, out_features)
         self.in_features, self.out_features = in_features, out_features
+        self.path = path
         self.rank, self.alpha, self.density, self.seed = rank, float(alpha), float(density), seed
         self.scale = self.alpha / rank
         self.nnz = nnz_for(in_features, out_features, density)
@@ -50,13 +59,13 @@ class SLLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, rank: int, alpha: float = 32.0, density: float = 0.03,
-                    seed: int = 0) -> "SLLinear":
+                    seed: int = 0, path: str = "auto") -> "SLLinear":
         """An ``SLLinear`` of the same shape, device and dtype, freshly initialized as the paper.
 
         The dense weight is not carried over (SLTrain pretrains from scratch); the bias is.
         """
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, rank=rank,
-                    alpha=alpha, density=density, seed=seed, device=linear.weight.device,
+                    alpha=alpha, density=density, seed=seed, path=path, device=linear.weight.device,
                     dtype=linear.weight.dtype)
         if linear.bias is not None:
             with torch.no_grad():
@@ -85,7 +94,7 @@ class SLLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # fx.symbolic_trace feeds Proxies that cannot answer shape/dtype questions: trace the op alone.
         if is_fx_symbolic_tracing():
-            return ops.sl_linear(x, self.A, self.B, self.values, self.support, self.scale, self.bias)
+            return self._op(None)(x, self.A, self.B, self.values, self.support, self.scale, self.bias)
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"SLLinear expects input (..., {self.in_features}), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
@@ -99,11 +108,26 @@ class SLLinear(nn.Module):
             raise TypeError(f"SLLinear input dtype {x.dtype} differs from its parameters' {self.A.dtype}; "
                             "cast the input or the module, or use torch.autocast")
         A, B, values, bias = params
-        return ops.sl_linear(x, A, B, values, self.support, self.scale, bias)
+        return self._op(x)(x, A, B, values, self.support, self.scale, bias)
+
+    def _op(self, x: Tensor | None):
+        """The custom op of this call: ``self.path``, or for ``"auto"`` the cost model's pick for
+        the eager input ``x`` (materialize when tracing: ``x`` is ``None`` or compiling)."""
+        if self.path == "factored":
+            return ops_factored.sl_linear_factored
+        if self.path == "materialize" or x is None or torch.compiler.is_compiling():
+            return ops.sl_linear
+        training = torch.is_grad_enabled() and (x.requires_grad or self.A.requires_grad or self.B.requires_grad
+                                                or self.values.requires_grad)
+        path = cost_model.choose_path_for_call(x.numel() // self.in_features, self.in_features, self.out_features,
+                                               self.rank, self.nnz, x.device.type,
+                                               "train" if training else "forward", x.element_size())
+        return ops_factored.sl_linear_factored if path == "factored" else ops.sl_linear
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"alpha={self.alpha}, density={self.density}, nnz={self.nnz}, bias={self.bias is not None}")
+                f"alpha={self.alpha}, density={self.density}, nnz={self.nnz}, bias={self.bias is not None}, "
+                f"path={self.path!r}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         support = state_dict.get(prefix + "support")

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["materialize", "sl_linear", "sl_linear_backward"]
+__all__ = ["grad_weight_and_values", "materialize", "materialized_backward", "sl_linear", "sl_linear_backward"]
 
 
 @torch.library.custom_op("slcompile::materialize", mutates_args=())
@@ -41,13 +41,16 @@ def _(A, B, values, support, scale):
     return A.new_empty(B.shape[0], A.shape[1])
 
 
-def _factor_grads(grad_w: Tensor, A: Tensor, B: Tensor, support: Tensor, scale: float
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """Chain rule through ``W = scale * B @ A + S``: ``(dA, dB, dvalues)`` from ``dW (out, in)``."""
-    grad_values = grad_w.view(-1).index_select(0, support)  # 20x faster than [] with int32 on CPU
-    grad_b = torch.mm(grad_w, A.t()).mul_(scale)
-    grad_a = torch.mm(B.t(), grad_w).mul_(scale)
-    return grad_a, grad_b, grad_values
+def grad_weight_and_values(grad_y2d: Tensor, x2d: Tensor, support: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dW, dvalues)``: the dense ``dW (out, in) = dY^T @ x`` and ``dvalues = dW.view(-1)[support]``
+    (torch reference; :mod:`slcompile.kernels.grad_weight` fuses the gather into the GEMM on CUDA)."""
+    grad_w = torch.mm(grad_y2d.t(), x2d)
+    return grad_w, grad_w.view(-1).index_select(0, support)  # index_select: 20x faster than [] with int32 on CPU
+
+
+def _low_rank_grads(grad_w: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Chain rule through ``W = scale * B @ A + S``: ``(dA, dB)`` from ``dW (out, in)``."""
+    return torch.mm(B.t(), grad_w).mul_(scale), torch.mm(grad_w, A.t()).mul_(scale)
 
 
 def _materialize_setup_context(ctx, inputs, output):
@@ -58,8 +61,9 @@ def _materialize_setup_context(ctx, inputs, output):
 
 def _materialize_backward(ctx, grad_w):
     A, B, support = ctx.saved_tensors
-    grad_a, grad_b, grad_values = _factor_grads(grad_w.contiguous(), A, B, support, ctx.scale)
-    return grad_a, grad_b, grad_values, None, None
+    grad_w = grad_w.contiguous()
+    grad_a, grad_b = _low_rank_grads(grad_w, A, B, ctx.scale)
+    return grad_a, grad_b, grad_w.view(-1).index_select(0, support), None, None
 
 
 materialize.register_autograd(_materialize_backward, setup_context=_materialize_setup_context)
@@ -77,13 +81,10 @@ def _(x, A, B, values, support, scale, bias=None):
     return x.new_empty(*x.shape[:-1], B.shape[0])
 
 
-@torch.library.custom_op("slcompile::sl_linear_backward", mutates_args=())
-def sl_linear_backward(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor,
-                       scale: float, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of ``sl_linear`` w.r.t. ``x``, ``A``, ``B``, ``values`` (bias is a plain sum).
-
-    ``grad_y (..., out)``, ``x (..., in)``. ``dx`` is an empty tensor when ``need_dx`` is False.
-    """
+def materialized_backward(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor,
+                          scale: float, need_dx: bool, grad_weight=grad_weight_and_values
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The body of ``sl_linear_backward``; ``grad_weight(dY2d, x2d, support) -> (dW, dvalues)``."""
     in_features, out_features = A.shape[1], B.shape[0]
     x2d, g2d = x.reshape(-1, in_features), grad_y.reshape(-1, out_features)
     if need_dx:
@@ -92,8 +93,19 @@ def sl_linear_backward(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: 
         del weight  # free W before the dense dW exists: peak holds one (out, in) transient
     else:
         grad_x = x.new_empty(0)
-    grad_a, grad_b, grad_values = _factor_grads(torch.mm(g2d.t(), x2d), A, B, support, scale)
+    grad_w, grad_values = grad_weight(g2d, x2d, support)
+    grad_a, grad_b = _low_rank_grads(grad_w, A, B, scale)
     return grad_x, grad_a, grad_b, grad_values
+
+
+@torch.library.custom_op("slcompile::sl_linear_backward", mutates_args=())
+def sl_linear_backward(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor,
+                       scale: float, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``sl_linear`` w.r.t. ``x``, ``A``, ``B``, ``values`` (bias is a plain sum).
+
+    ``grad_y (..., out)``, ``x (..., in)``. ``dx`` is an empty tensor when ``need_dx`` is False.
+    """
+    return materialized_backward(grad_y, x, A, B, values, support, scale, need_dx)
 
 
 @sl_linear_backward.register_fake

@@ -44,15 +44,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from slcompile.ops import make_backward, setup_context
+from slcompile.support import derived_index
 
-__all__ = ["SparseIndex", "sl_linear_factored", "sl_linear_factored_backward", "sparse_index"]
+__all__ = ["SparseIndex", "SparseProducts", "TORCH_SPARSE", "factored_backward", "factored_forward",
+           "sl_linear_factored", "sl_linear_factored_backward", "sparse_index"]
 
 _SPARSE_DTYPES = (torch.float32, torch.float64)  # what MKL / cuSPARSE SpMM and SDDMM take
 TOKEN_BLOCK = 256  # tokens per sparse-library call (see the module doc)
@@ -78,29 +79,52 @@ class SparseIndex:
     t_crow: Tensor
     t_col: Tensor
 
+    def csr_values(self, values: Tensor) -> Tensor:
+        """``values`` (in the support's order) in the CSR order of ``S``."""
+        return values if self.order is None else values.index_select(0, self.order)
+
+    def csr_t_values(self, values: Tensor) -> Tensor:
+        """``values`` (in the support's order) in the CSR order of ``S^T``."""
+        order = self.t_order if self.order is None else self.order.index_select(0, self.t_order)
+        return values.index_select(0, order)
+
     def csr(self, values: Tensor) -> Tensor:
         """``S`` as a sparse CSR tensor with ``values`` (in the support's order)."""
-        if self.order is not None:
-            values = values.index_select(0, self.order)
-        return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
+        return torch.sparse_csr_tensor(self.crow, self.col, self.csr_values(values), self.shape,
+                                       check_invariants=False)
 
     def csr_t(self, values: Tensor) -> Tensor:
         """``S^T`` as a sparse CSR tensor with ``values`` (in the support's order)."""
-        order = self.t_order if self.order is None else self.order.index_select(0, self.t_order)
-        return torch.sparse_csr_tensor(self.t_crow, self.t_col, values.index_select(0, order),
-                                       self.shape[::-1], check_invariants=False)
+        return torch.sparse_csr_tensor(self.t_crow, self.t_col, self.csr_t_values(values), self.shape[::-1],
+                                       check_invariants=False)
 
 
-_CACHE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+@dataclass(frozen=True)
+class SparseProducts:
+    """The three sparse products of the factored path, for ``S (out, in)`` over ``index``:
+
+    - ``s_x(index, values, x2d) -> (N, out)``: ``x2d (N, in) @ S^T``;
+    - ``dy_s(index, values, g2d) -> (N, in)``: ``g2d (N, out) @ S``;
+    - ``sampled(index, support, g2d, x2d, dtype) -> (nnz,)``: ``(g2d^T @ x2d)`` at the support,
+      in the support's order, in ``dtype``.
+
+    Results are in the dense operand's dtype. :data:`TORCH_SPARSE` is the reference (torch CSR);
+    :mod:`slcompile.kernels` registers Triton ones for CUDA.
+    """
+
+    s_x: Callable[[SparseIndex, Tensor, Tensor], Tensor]
+    dy_s: Callable[[SparseIndex, Tensor, Tensor], Tensor]
+    sampled: Callable[[SparseIndex, Tensor, Tensor, Tensor, torch.dtype], Tensor]
 
 
 def sparse_index(support: Tensor, out_features: int, in_features: int) -> SparseIndex:
-    """Build (or fetch from the per-support-tensor cache) the :class:`SparseIndex` of ``support``."""
-    cacheable = not support.is_inference()
-    key = (support._version if cacheable else None, support.numel(), out_features, in_features)
-    cached = _CACHE.get(support) if cacheable else None
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    """The :class:`SparseIndex` of ``support``, built once per support tensor
+    (:func:`slcompile.support.derived_index`)."""
+    return derived_index(support, ("csr", support.numel(), out_features, in_features),
+                         lambda: _build_sparse_index(support, out_features, in_features))
+
+
+def _build_sparse_index(support: Tensor, out_features: int, in_features: int) -> SparseIndex:
     flat = support.reshape(-1).long()
     order = None
     if flat.numel() > 1 and not bool((flat[1:] >= flat[:-1]).all()):
@@ -110,11 +134,8 @@ def sparse_index(support: Tensor, out_features: int, in_features: int) -> Sparse
     crow = torch.searchsorted(flat, torch.arange(out_features + 1, device=device) * in_features, out_int32=True)
     t_key, t_order = torch.sort(cols * out_features + rows, stable=True)
     t_crow = torch.searchsorted(t_key, torch.arange(in_features + 1, device=device) * out_features, out_int32=True)
-    index = SparseIndex((out_features, in_features), order, crow, cols.int(), t_order.int(), t_crow,
-                        rows.index_select(0, t_order).int())
-    if cacheable:
-        _CACHE[support] = (key, index)
-    return index
+    return SparseIndex((out_features, in_features), order, crow, cols.int(), t_order.int(), t_crow,
+                       rows.index_select(0, t_order).int())
 
 
 def _sparse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -148,6 +169,50 @@ def _sddmm(index: SparseIndex, left: Tensor, right: Tensor, dtype: torch.dtype) 
     return sampled.to(dtype)
 
 
+def _torch_s_x(index: SparseIndex, values: Tensor, x2d: Tensor) -> Tensor:
+    return _spmm(index.csr(values.to(_sparse_dtype(values.dtype))), x2d.t()).to(x2d.dtype).t()
+
+
+def _torch_dy_s(index: SparseIndex, values: Tensor, g2d: Tensor) -> Tensor:
+    return _spmm(index.csr_t(values.to(_sparse_dtype(values.dtype))), g2d.t()).to(g2d.dtype).t()
+
+
+def _torch_sampled(index: SparseIndex, support: Tensor, g2d: Tensor, x2d: Tensor, dtype: torch.dtype) -> Tensor:
+    return _sddmm(index, g2d.t(), x2d, dtype)
+
+
+TORCH_SPARSE = SparseProducts(_torch_s_x, _torch_dy_s, _torch_sampled)
+
+
+def factored_forward(x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float,
+                     bias: Optional[Tensor], sparse: SparseProducts) -> Tensor:
+    """The body of ``sl_linear_factored`` with the sparse products of ``sparse``."""
+    in_features, out_features = A.shape[1], B.shape[0]
+    x2d = x.reshape(-1, in_features)
+    index = sparse_index(support, out_features, in_features)
+    y = torch.addmm(sparse.s_x(index, values, x2d), torch.mm(x2d, A.t()), B.t(), alpha=scale)
+    if bias is not None:
+        y.add_(bias)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def factored_backward(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor,
+                      scale: float, need_dx: bool, sparse: SparseProducts) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The body of ``sl_linear_factored_backward`` with the sparse products of ``sparse``."""
+    in_features, out_features = A.shape[1], B.shape[0]
+    x2d, g2d = x.reshape(-1, in_features), grad_y.reshape(-1, out_features)
+    index = sparse_index(support, out_features, in_features)
+    grad_low = torch.mm(g2d, B)  # (N, r): dY @ B, shared by dx and dA
+    if need_dx:
+        grad_x = torch.addmm(sparse.dy_s(index, values, g2d), grad_low, A, alpha=scale).view(x.shape)
+    else:
+        grad_x = x.new_empty(0)
+    grad_b = torch.mm(g2d.t(), torch.mm(x2d, A.t())).mul_(scale)
+    grad_a = torch.mm(grad_low.t(), x2d).mul_(scale)
+    grad_values = sparse.sampled(index, support, g2d, x2d, values.dtype)
+    return grad_x, grad_a, grad_b, grad_values
+
+
 @torch.library.custom_op("slcompile::sl_linear_factored", mutates_args=())
 def sl_linear_factored(x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float,
                        bias: Optional[Tensor] = None) -> Tensor:
@@ -156,14 +221,7 @@ def sl_linear_factored(x: Tensor, A: Tensor, B: Tensor, values: Tensor, support:
     ``A (r, in)``, ``B (out, r)``, ``values (nnz,)``, ``support (nnz,)`` int32/int64 flat
     row-major indices into ``(out, in)``; one float dtype for ``x`` and the parameters.
     """
-    in_features, out_features = A.shape[1], B.shape[0]
-    x2d = x.reshape(-1, in_features)
-    index = sparse_index(support, out_features, in_features)
-    sparse = _spmm(index.csr(values.to(_sparse_dtype(values.dtype))), x2d.t()).to(x.dtype)  # (out, N)
-    y = torch.addmm(sparse.t(), torch.mm(x2d, A.t()), B.t(), alpha=scale)
-    if bias is not None:
-        y.add_(bias)
-    return y.view(*x.shape[:-1], out_features)
+    return factored_forward(x, A, B, values, support, scale, bias, TORCH_SPARSE)
 
 
 @sl_linear_factored.register_fake
@@ -180,19 +238,7 @@ def sl_linear_factored_backward(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor,
     ``grad_y (..., out)``, ``x (..., in)``. ``dx`` is an empty tensor when ``need_dx`` is False.
     ``x @ A^T`` is recomputed here (see the module doc).
     """
-    in_features, out_features = A.shape[1], B.shape[0]
-    x2d, g2d = x.reshape(-1, in_features), grad_y.reshape(-1, out_features)
-    index = sparse_index(support, out_features, in_features)
-    grad_low = torch.mm(g2d, B)  # (N, r): dY @ B, shared by dx and dA
-    if need_dx:
-        sparse = _spmm(index.csr_t(values.to(_sparse_dtype(values.dtype))), g2d.t()).to(x.dtype)  # (in, N)
-        grad_x = torch.addmm(sparse.t(), grad_low, A, alpha=scale).view(x.shape)
-    else:
-        grad_x = x.new_empty(0)
-    grad_b = torch.mm(g2d.t(), torch.mm(x2d, A.t())).mul_(scale)
-    grad_a = torch.mm(grad_low.t(), x2d).mul_(scale)
-    grad_values = _sddmm(index, g2d.t(), x2d, values.dtype)
-    return grad_x, grad_a, grad_b, grad_values
+    return factored_backward(grad_y, x, A, B, values, support, scale, need_dx, TORCH_SPARSE)
 
 
 @sl_linear_factored_backward.register_fake

@@ -11,10 +11,14 @@ RNG is never touched, so every data-parallel rank and every rerun gets the same 
 from __future__ import annotations
 
 import hashlib
+from typing import Callable, Hashable, TypeVar
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 _INT32_LIMIT = 2**31 - 1
+_T = TypeVar("_T")
+_DERIVED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 def layer_seed(base_seed: int, name: str) -> int:
@@ -62,3 +66,23 @@ def generate_support(out_features: int, in_features: int, nnz: int, seed: int,
         extra = torch.randint(numel, (int(missing / max(hit_rate, 0.05)) + 16,), generator=gen)
         chosen = _unique_in_draw_order(torch.cat([chosen, extra]))
     return chosen[:nnz].sort().values.to(device=device, dtype=torch.int32)
+
+
+def derived_index(support: torch.Tensor, key: Hashable, build: Callable[[], _T]) -> _T:
+    """``build()`` once per ``(support tensor, key)``: an index derived from the support (CSR
+    patterns, tile offsets) kept while the tensor lives and its contents are unchanged.
+
+    Entries are keyed on the tensor object and dropped when its version counter moves (an
+    in-place change rebuilds them); ``key`` must name everything else the index depends on
+    (shape, block sizes). Inference tensors have no version counter and are never cached.
+    Pass the persistent support buffer, not a fresh ``.long()`` copy, or nothing is reused.
+    """
+    if support.is_inference():
+        return build()
+    entry = _DERIVED.get(support)
+    if entry is None or entry[0] != support._version:
+        entry = (support._version, {})
+        _DERIVED[support] = entry
+    if key not in entry[1]:
+        entry[1][key] = build()
+    return entry[1][key]

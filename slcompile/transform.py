@@ -162,7 +162,7 @@ def build_sl_linear(name: str, linear: nn.Linear, cfg: SLConfig) -> SLLinear:
     """The ``SLLinear`` that replaces ``linear`` (called ``name``) under ``cfg``."""
     rank = cfg.rank_for(linear.in_features, linear.out_features, name)
     return SLLinear.from_linear(linear, rank=rank, alpha=cfg.alpha, density=cfg.density,
-                                seed=layer_seed(cfg.seed, name))
+                                seed=layer_seed(cfg.seed, name), path=cfg.path)
 
 
 def describe(name: str, layer: SLLinear) -> ReplacedLayer:

@@ -46,7 +46,9 @@ def test_crossover_on_h200_with_library_sparse_kernels():
     assert 1 < cross < 2048
     assert cm.choose_path(cross - 1, *shape, device="h200-cusparse") == "factored"
     assert all(cm.choose_path(n, *shape, device="h200-cusparse") == "materialize" for n in (cross, 2048, 16384))
-    assert cm.device_for("cuda").name == "h200-cusparse"
+    from slcompile.kernels import cuda_kernels_registered
+
+    assert cm.device_for("cuda").name == ("h200-triton" if cuda_kernels_registered() else "h200-cusparse")
     assert cm.crossover_tokens(*shape, device="h200-cusparse", margin=0.8) < cross  # a margin favours materialize
 
 
@@ -64,6 +66,27 @@ def test_matches_reference_section_6():
         assert mat["form W"] * 1e3 == pytest.approx(form_w, rel=0.1)
         # "the factored low-rank product is cheaper than forming W only when tokens are few"
         assert ((fac["xa = x A^T"] + fac["y = xa B^T"]) < mat["form W"]) == (low_rank < form_w)
+
+
+def test_gather_in_gemm_kernels():
+    """With dvalues from the dW GEMM's epilogue: no gather pass, and the factored SDDMM becomes
+    that GEMM (2 N in out FLOPs at dense rate, no (out, in) result)."""
+    subs = {cm.N: 256, cm.IN: 64, cm.OUT: 96, cm.R: 8, cm.NNZ: 300, cm.B: 2, cm.IB: 4}
+
+    def totals(path, fused):
+        ks = cm.kernels(path, "train", True, fused)
+        return [k.name for k in ks], sum(k.flops for k in ks).subs(subs), sum(k.bytes for k in ks).subs(subs)
+
+    names, mat_flops, mat_bytes = totals("materialize", True)
+    plain_names, plain_flops, plain_bytes = totals("materialize", False)
+    assert "dvalues = dW[support]" in plain_names and "dvalues = dW[support]" not in names
+    assert mat_flops == plain_flops and mat_bytes < plain_bytes  # no second pass over dW
+    (fused_dv,) = [k for k in cm.kernels("factored", "train", True, True) if k.name.startswith("dvalues")]
+    assert fused_dv.unit == "dense" and sympy.expand(fused_dv.flops - 2 * cm.N * cm.IN * cm.OUT) == 0
+    assert cm.DEVICES["h200-triton"].gather_in_gemm and not cm.DEVICES["h200"].gather_in_gemm
+    shape = (16384, 4096, 11008, 1024, int(0.05 * 4096 * 11008))
+    times = cm.kernel_times("factored", *shape, "h200-triton")
+    assert times["dvalues = (dY^T x)[support]"] == pytest.approx(2 * 16384 * 4096 * 11008 / 690e12 + 5e-6, rel=1e-9)
 
 
 def test_layer_costs_and_errors():

@@ -35,12 +35,12 @@ def _randomized(layer: SLLinear, seed: int) -> SLLinear:
        density=st.floats(0.001, 0.999), alpha=st.floats(0.1, 64.0), bias=st.booleans(),
        batch=st.lists(st.integers(0, 4), min_size=0, max_size=3),
        dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
-       seed=st.integers(0, 2**31))
+       seed=st.integers(0, 2**31), path=st.sampled_from(["auto", "materialize", "factored"]))
 def test_forward_and_gradients_match_float64_dense(out_features, in_features, rank_frac, density, alpha, bias,
-                                                   batch, dtype, seed):
+                                                   batch, dtype, seed, path):
     rank = max(1, round(rank_frac * min(in_features, out_features)))
     layer = _randomized(SLLinear(in_features, out_features, bias=bias, rank=rank, alpha=alpha, density=density,
-                                 seed=seed, dtype=dtype), seed)
+                                 seed=seed, path=path, dtype=dtype), seed)
     x = torch.randn(*batch, in_features, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     x.requires_grad_(True)
     y = layer(x)
@@ -105,11 +105,39 @@ def _saved_bytes(module, x):
     return sum(saved.values())
 
 
-def test_saved_tensors_equal_nn_linear():
+@pytest.mark.parametrize("path", ["materialize", "factored"])
+def test_saved_tensors_equal_nn_linear(path):
     x = torch.randn(64, 96, requires_grad=True)
     dense = nn.Linear(96, 80)
-    sl = SLLinear(96, 80, rank=8, density=0.05)
+    sl = SLLinear(96, 80, rank=8, density=0.05, path=path)
     assert _saved_bytes(sl, x) == _saved_bytes(dense, x) == x.numel() * 4
+
+
+def test_auto_path_follows_the_cost_model_per_call():
+    """``path="auto"``: few tokens go factored, many materialize (cpu preset), as the cost model
+    says for each call's token count and mode; both give the same result."""
+    from slcompile import cost_model, ops, ops_factored
+
+    layer = _randomized(SLLinear(512, 512, rank=128, density=0.03), 0).float()
+    for tokens, want in ((1, "factored"), (16384, "materialize")):
+        for grad in (True, False):
+            mode = "train" if grad else "forward"
+            assert cost_model.choose_path_for_call(tokens, 512, 512, 128, layer.nnz, "cpu", mode, 4) == want
+            with torch.set_grad_enabled(grad):
+                op = layer._op(torch.empty(tokens, 512))
+            assert op is (ops_factored.sl_linear_factored if want == "factored" else ops.sl_linear)
+    layer.double()
+    x = torch.randn(3, 7, 512, dtype=torch.float64)
+    fixed = {p: SLLinear(512, 512, rank=128, density=0.03, path=p, dtype=torch.float64)
+             for p in ("materialize", "factored")}
+    for other in fixed.values():
+        other.load_state_dict(layer.state_dict())
+    assert layer._op(x) is ops_factored.sl_linear_factored  # 21 tokens
+    torch.testing.assert_close(layer(x), fixed["materialize"](x))
+    torch.testing.assert_close(fixed["factored"](x), fixed["materialize"](x))
+    assert "path='auto'" in repr(layer)
+    with pytest.raises(ValueError, match="SLConfig.path"):
+        SLLinear(8, 8, rank=2, path="sparse")
 
 
 def test_bad_inputs_are_clear():

@@ -1,15 +1,20 @@
-"""Triton kernels, one file per op, each a ``@triton.jit`` kernel plus a host function:
+"""Triton kernels, one file per op, each a ``@triton.jit`` kernel plus a host function, and their
+registration as the CUDA implementations of our custom ops:
 
-- :mod:`slcompile.kernels.materialize`: ``W = scale * B @ A + S`` in one kernel (tiled GEMM over
-  the rank, sparse values added in the epilogue); registered here as the CUDA implementation of
-  ``slcompile::materialize`` (so ``sl_linear`` and ``sl_linear_backward`` use it on CUDA).
-- :mod:`slcompile.kernels.gather`: ``dvalues = dW.view(-1)[support]`` (host ``gather_flat``).
-  Not registered: the backward (``ops._factor_grads``) gathers with torch indexing, which a
-  standalone Triton gather does not beat; the gain needs the gather fused into a Triton ``dW``
-  GEMM's epilogue (not done).
+- :mod:`.materialize`: ``W = scale * B @ A + S`` in one kernel (tiled GEMM over the rank, sparse
+  values added in the epilogue) -> ``slcompile::materialize`` (so ``sl_linear`` forms ``W`` with it);
+- :mod:`.grad_weight`: ``dW = dY^T X`` with ``dvalues = dW[support]`` gathered in the GEMM's
+  epilogue -> the ``dW`` step of ``slcompile::sl_linear_backward`` (``dA``/``dB`` from ``dW`` by
+  cuBLAS) and, without storing ``dW``, the tensor-core SDDMM of
+  ``slcompile::sl_linear_factored_backward``;
+- :mod:`.spmm`: ``dense @ S^T`` over a CSR pattern -> the sparse products of
+  ``slcompile::sl_linear_factored`` and its backward (``x S^T``, ``dY S``), instead of cuSPARSE.
+
+:mod:`.tile_index` (the support in tile order) and :mod:`.host` (shared checks) serve them.
 
 Importing this package registers the CUDA implementations but does not import Triton: the
 kernel modules are imported on the first CUDA call, so a CPU-only process never pays for them.
+A call whose dtypes the kernels do not take (float64, mixed) runs the torch reference instead.
 On CPU the kernels run in Triton's interpreter: ``TRITON_INTERPRET=1`` must be set before
 Triton is first imported (``torch._dynamo`` imports it), see ``tests/kernels/kernel_cases.py``.
 Nothing is registered when Triton is not installed, or when ``SLCOMPILE_TRITON=0``: the ops
@@ -19,23 +24,84 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from slcompile import ops
+from slcompile import ops, ops_factored
+from slcompile.kernels.host import SUPPORTED_DTYPES
 
-__all__ = ["cuda_kernels_registered", "register_cuda_kernels"]
+__all__ = ["CUDA_IMPLEMENTATIONS", "TRITON_SPARSE", "cuda_kernels_registered", "register_cuda_kernels"]
 
 _registered = False
+
+
+def _kernel_dtypes(*tensors: Tensor) -> bool:
+    """Whether the kernels take these operands: one dtype among :data:`SUPPORTED_DTYPES`."""
+    return len({t.dtype for t in tensors}) == 1 and tensors[0].dtype in SUPPORTED_DTYPES
 
 
 def _materialize_cuda(A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float) -> Tensor:
     from slcompile.kernels import materialize as kernel
 
-    if not (A.dtype == B.dtype == values.dtype) or A.dtype not in kernel.SUPPORTED_DTYPES:
+    if not _kernel_dtypes(A, B, values):
         return ops.materialize._init_fn(A, B, values, support, scale)  # the torch reference (e.g. float64)
     return kernel.materialize(A, B, values, support, scale)
+
+
+def _triton_grad_weight(grad_y2d: Tensor, x2d: Tensor, support: Tensor) -> tuple[Tensor, Tensor]:
+    from slcompile.kernels.grad_weight import grad_weight
+
+    return grad_weight(grad_y2d, x2d, support)
+
+
+def _sl_linear_backward_cuda(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor,
+                             scale: float, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grad_weight = _triton_grad_weight if _kernel_dtypes(grad_y, x, A, B, values) else ops.grad_weight_and_values
+    return ops.materialized_backward(grad_y, x, A, B, values, support, scale, need_dx, grad_weight)
+
+
+def _triton_s_x(index: ops_factored.SparseIndex, values: Tensor, x2d: Tensor) -> Tensor:
+    from slcompile.kernels.spmm import spmm
+
+    return spmm(index.crow, index.col, index.csr_values(values), x2d)
+
+
+def _triton_dy_s(index: ops_factored.SparseIndex, values: Tensor, g2d: Tensor) -> Tensor:
+    from slcompile.kernels.spmm import spmm
+
+    return spmm(index.t_crow, index.t_col, index.csr_t_values(values), g2d)
+
+
+def _triton_sampled(index: ops_factored.SparseIndex, support: Tensor, g2d: Tensor, x2d: Tensor,
+                    dtype: torch.dtype) -> Tensor:
+    from slcompile.kernels.grad_weight import grad_weight
+
+    return grad_weight(g2d, x2d, support, write_dw=False, values_dtype=dtype)[1]
+
+
+TRITON_SPARSE = ops_factored.SparseProducts(_triton_s_x, _triton_dy_s, _triton_sampled)
+
+
+def _factored_cuda(x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float,
+                   bias: Optional[Tensor] = None) -> Tensor:
+    sparse = TRITON_SPARSE if _kernel_dtypes(x, A, B, values) else ops_factored.TORCH_SPARSE
+    return ops_factored.factored_forward(x, A, B, values, support, scale, bias, sparse)
+
+
+def _factored_backward_cuda(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor,
+                            scale: float, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    sparse = TRITON_SPARSE if _kernel_dtypes(grad_y, x, A, B, values) else ops_factored.TORCH_SPARSE
+    return ops_factored.factored_backward(grad_y, x, A, B, values, support, scale, need_dx, sparse)
+
+
+CUDA_IMPLEMENTATIONS = {
+    "slcompile::materialize": _materialize_cuda,
+    "slcompile::sl_linear_backward": _sl_linear_backward_cuda,
+    "slcompile::sl_linear_factored": _factored_cuda,
+    "slcompile::sl_linear_factored_backward": _factored_backward_cuda,
+}
 
 
 def register_cuda_kernels() -> bool:
@@ -45,7 +111,8 @@ def register_cuda_kernels() -> bool:
         return True
     if os.environ.get("SLCOMPILE_TRITON", "1") == "0" or importlib.util.find_spec("triton") is None:
         return False
-    torch.library.register_kernel("slcompile::materialize", "cuda", _materialize_cuda)
+    for op, implementation in CUDA_IMPLEMENTATIONS.items():
+        torch.library.register_kernel(op, "cuda", implementation)
     _registered = True
     return True
 

@@ -5,15 +5,10 @@ rank (``tl.dot`` of ``B[rows, k:k+BLOCK_K]`` and ``A[k:k+BLOCK_K, cols]``, fp32 
 then an epilogue that adds the sparse values falling in the tile *in registers*, so ``W`` is
 written once and never read back.
 
-Tile index (the "tile-friendly order" of the support): the support is sorted row-major, so the
-entries of row ``m`` whose column lies in column tile ``c`` form the contiguous range
-``[tile_ptr[m, c], tile_ptr[m, c + 1])`` of the support. ``tile_ptr (out, n_col_tiles + 1)``
-int32 is built once per support with ``torch.searchsorted`` and cached (it is ``4 * out *
-(in / BLOCK_N + 1)`` bytes: a few percent of the int32 support at paper densities). The epilogue
-walks the rows of its tile in lockstep: step ``k`` takes the ``k``-th entry of every row (a
-``(BLOCK_M,)`` vector of columns and values) and adds it with a one-hot compare against the
-tile's columns; the step count is the largest per-row count in the tile (a handful at
-densities of a few percent). Duplicated positions (allowed by ``index_add``) are summed.
+The epilogue walks the support in tile order (:mod:`slcompile.kernels.tile_index`): step ``k``
+takes the ``k``-th entry of every row of the tile (a ``(BLOCK_M,)`` vector of columns and
+values) and adds it with a one-hot compare against the tile's columns. Duplicated positions
+(allowed by ``index_add``) are summed.
 
 An unsorted support (e.g. an index a user wrote, matched by the pattern pass) is sorted once
 into a cached copy; its values are then permuted on every call.
@@ -23,17 +18,15 @@ fp32 and rounded once. fp32 uses IEEE products unless ``torch.backends.cuda.matm
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ["SUPPORTED_DTYPES", "TileIndex", "materialize", "tile_index"]
+from slcompile.kernels.host import SUPPORTED_DTYPES, check_index, dot_precision
+from slcompile.kernels.tile_index import tile_index
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+__all__ = ["materialize"]
 
 
 @triton.jit
@@ -80,53 +73,6 @@ def _materialize_kernel(
              acc.to(w_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@dataclass(frozen=True)
-class TileIndex:
-    """The support in tile order for one ``(out, in, BLOCK_N)``.
-
-    ``support``: sorted flat indices (the support itself when it already was sorted);
-    ``perm``: ``None`` if sorted, else the permutation that sorts it (``values[perm]``);
-    ``tile_ptr (out, n_col_tiles + 1)`` int32: row ``m``'s entries in column tile ``c`` are
-    ``support[tile_ptr[m, c]:tile_ptr[m, c + 1]]``.
-    """
-
-    support: Tensor
-    perm: Tensor | None
-    tile_ptr: Tensor
-    block_n: int
-
-
-_CACHE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
-
-
-def tile_index(support: Tensor, out_features: int, in_features: int, block_n: int) -> TileIndex:
-    """Build (or fetch from a per-support-tensor cache) the :class:`TileIndex` of ``support``.
-
-    The cache entry is keyed on the tensor object and checked against its version counter and
-    the shape, so an in-place change of the support rebuilds it (inference tensors, which have
-    no version counter, are not cached). Building it checks once whether ``support`` is sorted
-    (a device sync on CUDA): pass the persistent support buffer, not a fresh ``.long()`` copy.
-    """
-    cacheable = not support.is_inference()  # inference tensors have no version counter
-    key = (support._version if cacheable else None, support.numel(), out_features, in_features, block_n)
-    cached = _CACHE.get(support) if cacheable else None
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    flat = support.reshape(-1)
-    perm = None
-    if flat.numel() > 1 and not bool((flat[1:] >= flat[:-1]).all()):
-        flat, perm = torch.sort(flat, stable=True)
-    n_col_tiles = triton.cdiv(in_features, block_n)
-    col_starts = torch.arange(n_col_tiles + 1, device=flat.device, dtype=torch.int64) * block_n
-    col_starts[-1] = in_features
-    bounds = torch.arange(out_features, device=flat.device, dtype=torch.int64)[:, None] * in_features + col_starts
-    tile_ptr = torch.searchsorted(flat, bounds.to(flat.dtype), out_int32=True)
-    index = TileIndex(flat, perm, tile_ptr, block_n)
-    if cacheable:
-        _CACHE[support] = (key, index)
-    return index
-
-
 def _check(A: Tensor, B: Tensor, values: Tensor, support: Tensor) -> None:
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
         raise ValueError(f"materialize expects A (r, in) and B (out, r), got {tuple(A.shape)} and {tuple(B.shape)}")
@@ -136,8 +82,7 @@ def _check(A: Tensor, B: Tensor, values: Tensor, support: Tensor) -> None:
     if not (A.dtype == B.dtype == values.dtype) or A.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"materialize kernel needs A, B, values of one dtype in {SUPPORTED_DTYPES}, "
                         f"got {A.dtype}, {B.dtype}, {values.dtype}")
-    if support.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"support must be int32 or int64, got {support.dtype}")
+    check_index("support", support)
 
 
 def materialize(A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float, *,
@@ -162,12 +107,11 @@ def materialize(A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: fl
     if index.perm is not None:
         values = values[index.perm]
     values = values.contiguous()
-    # input_precision only matters for fp32 operands: IEEE products unless TF32 is allowed.
-    precision = "ieee" if A.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    precision = dot_precision(A.dtype)
     grid = (triton.cdiv(out_features, block_m), triton.cdiv(in_features, block_n))
     _materialize_kernel[grid](
         A, B, values, index.support, index.tile_ptr, out,
-        out_features, in_features, A.shape[0], index.tile_ptr.shape[1] - 1, float(scale),
+        out_features, in_features, A.shape[0], index.n_col_tiles, float(scale),
         A.stride(0), A.stride(1), B.stride(0), B.stride(1), out.stride(0), out.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, INPUT_PRECISION=precision,
         num_warps=num_warps,

@@ -11,8 +11,8 @@ decides from the node's fake tensors: tokens ``N`` = the product of ``x``'s lead
 ``in``/``out``/``r``/``nnz`` from ``A``, ``B`` and ``values``, the dtype's bytes, ``mode="train"``
 if the node's output requires grad (else ``"forward"``), and the device: the pass's ``device``
 (a :class:`~slcompile.cost_model.DeviceSpec` or preset name) or, by default, the preset for the
-tensors' device type (``cpu``, or ``h200-cusparse`` on CUDA: the library sparse kernels the
-factored op runs there today); factored is chosen only if estimated below ``margin`` (default
+tensors' device type (:func:`slcompile.cost_model.device_for`: ``cpu``, or on CUDA
+``h200-triton`` with our Triton kernels, ``h200-cusparse`` without); factored is chosen only if estimated below ``margin`` (default
 :data:`DEFAULT_MARGIN` = 0.8) times materialize. Both ops take the same arguments, so a rewrite only changes the
 node's target. Left alone (counted, with a note): symbolic shapes (``dynamic=True`` or a
 recompile after a shape change: one graph then serves every ``N``, and materialize is the path
@@ -33,10 +33,7 @@ __all__ = ["DEFAULT_MARGIN", "ChoosePathPass", "SL_LINEAR", "SL_LINEAR_FACTORED"
 
 SL_LINEAR = torch.ops.slcompile.sl_linear.default
 SL_LINEAR_FACTORED = torch.ops.slcompile.sl_linear_factored.default
-# Factored only where the model promises a 20% saving: on CPU its estimate of factored/materialize
-# ran 0.1-0.2 low near the crossover (benchmarks/paths_bench.py); materialize is the path tuned
-# and measured for training, so an uncertain call goes its way.
-DEFAULT_MARGIN = 0.8
+DEFAULT_MARGIN = cost_model.DEFAULT_MARGIN
 
 
 def _val(node):

@@ -29,13 +29,18 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 pytest.importorskip("triton", reason="triton is not installed (pip install triton==3.9.0 --no-deps)")
 
-from slcompile.kernels import gather as gather_kernel  # noqa: E402  (after the TRITON_INTERPRET check)
+import slcompile.kernels as package  # noqa: E402  (after the TRITON_INTERPRET check)
+from slcompile.kernels import grad_weight as grad_weight_kernel  # noqa: E402
 from slcompile.kernels import materialize as materialize_kernel  # noqa: E402
+from slcompile.kernels import spmm as spmm_kernel  # noqa: E402
+from slcompile.kernels.tile_index import tile_index  # noqa: E402
+from slcompile.ops_factored import sparse_index  # noqa: E402
 
 SENTINEL = 12345.0
 SIZES = st.sampled_from([1, 7, 16, 33, 64, 130])
 BLOCKS = st.sampled_from([16, 32, 64])
-kernels = SimpleNamespace(materialize=materialize_kernel, gather=gather_kernel, device="cuda" if ON_GPU else "cpu",
+kernels = SimpleNamespace(materialize=materialize_kernel, grad_weight=grad_weight_kernel, spmm=spmm_kernel,
+                          device="cuda" if ON_GPU else "cpu",
                           dtypes=[torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else []))
 
 
@@ -112,10 +117,11 @@ def test_materialize_unsorted_duplicate_int64_support():
 
 
 def test_tile_index_cached_and_invalidated():
-    mod = kernels.materialize
     _, _, _, support = factors(33, 130, 1, 0.1, torch.float32, kernels.device)
-    first = mod.tile_index(support, 33, 130, 32)
-    assert mod.tile_index(support, 33, 130, 32) is first
+    first = tile_index(support, 33, 130, 32)
+    assert tile_index(support, 33, 130, 32) is first
+    assert tile_index(support, 33, 130, 64) is not first  # one entry per block size, both kept
+    assert tile_index(support, 33, 130, 32) is first
     assert first.perm is None and first.support.data_ptr() == support.data_ptr()  # no copy when sorted
     ptr = first.tile_ptr.cpu().long()
     assert ptr.shape == (33, 6) and int(ptr[-1, -1]) == support.numel()
@@ -124,7 +130,7 @@ def test_tile_index_cached_and_invalidated():
         chunk = flat[ptr[m, c]:ptr[m, c + 1]]
         assert bool(((chunk // 130 == m) & (chunk % 130 // 32 == c)).all())
     support.add_(0)  # bumps the version counter: the index is rebuilt
-    assert mod.tile_index(support, 33, 130, 32) is not first
+    assert tile_index(support, 33, 130, 32) is not first
 
 
 def test_materialize_rejects_bad_arguments():
@@ -137,31 +143,8 @@ def test_materialize_rejects_bad_arguments():
         kernels.materialize.materialize(A, B, values, support, 1.0, out=torch.empty(33, 7, device=kernels.device))
 
 
-@given(rows=SIZES, cols=SIZES, density=st.sampled_from([0.05, 0.3, 1.0]), block=st.sampled_from([64, 1024]),
-       half=st.booleans(), transpose=st.booleans())
-def test_gather_matches_indexing(rows, cols, density, block, half, transpose):
-    dtype = torch.float16 if half else torch.float32
-    src = torch.randn(rows, cols).to(kernels.device, dtype)
-    if transpose:
-        src = src.t().contiguous().t()
-    index = generate_support(rows, cols, max(1, int(density * rows * cols)), 0, device=kernels.device)
-    out = torch.full((index.numel() + 7,), SENTINEL, dtype=dtype, device=kernels.device)
-    got = kernels.gather.gather_flat(src, index, out=out[3:3 + index.numel()], block=block)
-    assert torch.equal(got.cpu(), src.reshape(-1)[index.long()].cpu())
-    assert bool((out[:3] == SENTINEL).all()) and bool((out[3 + index.numel():] == SENTINEL).all())
-
-
-def test_gather_empty_and_int64():
-    src = torch.randn(7, 33, device=kernels.device)
-    assert kernels.gather.gather_flat(src, torch.empty(0, dtype=torch.int32, device=kernels.device)).numel() == 0
-    index = torch.tensor([230, 0, 5, 5], device=kernels.device)
-    assert torch.equal(kernels.gather.gather_flat(src, index), src.reshape(-1)[index])
-
-
 def test_cuda_registration_dispatches_to_the_kernel():
     """The function registered for CUDA runs the Triton kernel, and the torch reference for float64."""
-    import slcompile.kernels as package
-
     assert package.cuda_kernels_registered()
     A, B, values, support = factors(7, 33, 4, 0.3, torch.float32, kernels.device)
     check_weight(package._materialize_cuda(A, B, values, support, 2.0), A, B, values, support, 2.0)
@@ -176,4 +159,156 @@ def test_inference_tensor_support_is_not_cached():
         frozen = support.clone()
         weight = kernels.materialize.materialize(A, B, values, frozen, 2.0)
     check_weight(weight, A, B, values, support, 2.0)
-    assert kernels.materialize._CACHE.get(frozen) is None
+    assert tile_index(frozen, 7, 33, 64) is not tile_index(frozen, 7, 33, 64)  # rebuilt: never cached
+
+
+def check_close(got, want, magnitude, dtype, name):
+    """``got`` within the dtype's tolerance of the float64 ``want``, relative to ``magnitude``."""
+    err = (got.cpu().double() - want).abs()
+    assert bool((err <= tolerance(dtype, magnitude)).all()), f"{name}: max error {err.max().item():.3g}"
+
+
+@given(tokens=st.sampled_from([0, 1, 7, 33, 70]), out_f=SIZES, in_f=SIZES, density=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+       blocks=st.tuples(BLOCKS, BLOCKS, st.sampled_from([16, 32])), half=st.booleans(), write_dw=st.booleans(),
+       seed=st.integers(0, 3))
+def test_grad_weight_matches_reference(tokens, out_f, in_f, density, blocks, half, write_dw, seed):
+    dtype = torch.float16 if half else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    grad_y = torch.randn(tokens, out_f, generator=gen).to(kernels.device, dtype)
+    x = torch.randn(tokens, in_f, generator=gen).to(kernels.device, dtype)
+    if seed % 2:  # transposed operands: the kernel reads through strides
+        grad_y, x = grad_y.t().contiguous().t(), x.t().contiguous().t()
+    support = generate_support(out_f, in_f, int(density * in_f * out_f), seed, device=kernels.device)
+    block_m, block_n, block_k = blocks
+    grad_w, grad_values = kernels.grad_weight.grad_weight(grad_y, x, support, write_dw=write_dw, block_m=block_m,
+                                                          block_n=block_n, block_k=block_k, num_warps=4)
+    ref = grad_y.cpu().double().t() @ x.cpu().double()
+    magnitude = grad_y.cpu().double().abs().t() @ x.cpu().double().abs()
+    flat = support.cpu().long()
+    check_close(grad_values, ref.view(-1)[flat], magnitude.view(-1)[flat], dtype, "dvalues")
+    assert grad_values.dtype == dtype and grad_values.shape == support.shape
+    if write_dw:
+        check_close(grad_w, ref, magnitude, dtype, "dW")
+    else:
+        assert grad_w is None
+
+
+def test_grad_weight_unsorted_duplicate_int64_support_and_values_dtype():
+    gen = torch.Generator().manual_seed(5)
+    grad_y = torch.randn(9, 7, generator=gen).to(kernels.device, torch.float16)
+    x = torch.randn(9, 33, generator=gen).to(kernels.device, torch.float16)
+    _, _, _, support = factors(7, 33, 1, 0.3, torch.float32, kernels.device)
+    perm = torch.randperm(support.numel(), generator=gen).to(kernels.device)
+    index = torch.cat([support[perm], support[:5]]).long()
+    _, grad_values = kernels.grad_weight.grad_weight(grad_y, x, index, write_dw=False, values_dtype=torch.float32,
+                                                     block_m=16, block_n=16, block_k=16, num_warps=4)
+    ref = (grad_y.cpu().double().t() @ x.cpu().double()).view(-1)[index.cpu()]
+    assert grad_values.dtype == torch.float32
+    torch.testing.assert_close(grad_values.cpu().double(), ref, rtol=0, atol=1e-4)  # fp32 acc, rounded once
+
+
+def test_grad_weight_rejects_bad_arguments():
+    g, x = torch.randn(4, 7, device=kernels.device), torch.randn(5, 9, device=kernels.device)
+    support = torch.zeros(3, dtype=torch.int32, device=kernels.device)
+    with pytest.raises(ValueError, match="grad_y \\(N, out\\) and x \\(N, in\\)"):
+        kernels.grad_weight.grad_weight(g, x, support)
+    with pytest.raises(TypeError, match="one dtype"):
+        kernels.grad_weight.grad_weight(g, x[:4].double(), support)
+    with pytest.raises(TypeError, match="support must be a 1-D int32 or int64"):
+        kernels.grad_weight.grad_weight(g, x[:4], support.float())
+
+
+@given(tokens=st.sampled_from([0, 1, 7, 33, 70]), rows=SIZES, cols=SIZES, density=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+       blocks=st.tuples(BLOCKS, BLOCKS), half=st.booleans(), transposed=st.booleans(), seed=st.integers(0, 3))
+def test_spmm_matches_reference(tokens, rows, cols, density, blocks, half, transposed, seed):
+    dtype = torch.float16 if half else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    support = generate_support(rows, cols, int(density * rows * cols), seed, device=kernels.device)
+    values = torch.randn(support.numel(), generator=gen).to(kernels.device, dtype)
+    dense = torch.randn(tokens, cols, generator=gen).to(kernels.device, dtype)
+    if transposed:
+        dense = dense.t().contiguous().t()
+    index = sparse_index(support, rows, cols)
+    out, buf = guarded(tokens, rows, dtype, kernels.device, transpose=seed % 2 == 1)
+    got = kernels.spmm.spmm(index.crow, index.col, index.csr_values(values), dense, out=out, block_r=blocks[0],
+                            block_t=blocks[1])
+    assert got.data_ptr() == out.data_ptr()
+    s_dense = torch.zeros(rows * cols, dtype=torch.float64).index_put_((support.cpu().long(),),
+                                                                       values.cpu().double()).view(rows, cols)
+    check_close(got, dense.cpu().double() @ s_dense.t(), dense.cpu().double().abs() @ s_dense.abs().t(), dtype, "spmm")
+    assert_guard_intact(buf, out)
+
+
+def test_spmm_rejects_bad_arguments():
+    crow = torch.tensor([0, 1, 2], dtype=torch.int32, device=kernels.device)
+    col = torch.tensor([0, 1], dtype=torch.int32, device=kernels.device)
+    values = torch.ones(2, device=kernels.device)
+    dense = torch.randn(3, 2, device=kernels.device)
+    with pytest.raises(ValueError, match="values and col"):
+        kernels.spmm.spmm(crow, col, values[:1], dense)
+    with pytest.raises(TypeError, match="2-D dense operand"):
+        kernels.spmm.spmm(crow, col, values, dense.double())
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.spmm.spmm(crow, col, values, dense, out=torch.empty(2, 3, device=kernels.device))
+
+
+def _op_operands(out_f, in_f, rank, density, batch, dtype, seed=0, shuffle=False):
+    A, B, values, support = factors(out_f, in_f, rank, density, dtype, kernels.device, seed)
+    if shuffle:  # an index written by a user: any order, int64, repeated positions
+        perm = torch.randperm(support.numel(), generator=torch.Generator().manual_seed(seed)).to(kernels.device)
+        support = torch.cat([support[perm], support[:3]]).long()
+        values = torch.cat([values[perm], values[:3]])
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*batch, in_f, generator=gen).to(kernels.device, dtype)
+    grad_y = torch.randn(*batch, out_f, generator=gen).to(kernels.device, dtype)
+    return x, A, B, values, support, grad_y
+
+
+def _dense_reference(x, A, B, values, support, scale, grad_y):
+    """float64 ``y``, ``dx``, ``dA``, ``dB``, ``dvalues`` and their error magnitudes, by plain autograd."""
+    from conftest import dense_reference_weight
+
+    leaves = [t.cpu().double().requires_grad_() for t in (x, A, B, values)]
+    y = leaves[0] @ dense_reference_weight(*leaves[1:], support.cpu(), scale).T
+    grads = torch.autograd.grad(y, leaves, grad_y.cpu().double())
+    x64, A64, B64, v64 = (t.detach().abs() for t in leaves)
+    g64 = grad_y.cpu().double().abs()
+    w_abs = dense_reference_weight(A64, B64, v64, support.cpu(), abs(scale))
+    x2d, g2d = x64.reshape(-1, x64.shape[-1]), g64.reshape(-1, g64.shape[-1])
+    dw_abs = g2d.t() @ x2d
+    magnitudes = [x64 @ w_abs.T, g64 @ w_abs, abs(scale) * B64.t() @ dw_abs, abs(scale) * dw_abs @ A64.t(),
+                  dw_abs.view(-1)[support.cpu().long()]]
+    return [y.detach(), *grads], magnitudes
+
+
+@pytest.mark.parametrize("path", ["materialize", "factored"])
+@pytest.mark.parametrize("batch,shuffle", [((5,), False), ((2, 37), True), ((0,), False)])
+def test_registered_cuda_ops_match_float64_dense(path, batch, shuffle):
+    """The CUDA implementations (Triton) of both paths, forward and backward, against float64 autograd."""
+    impls = package.CUDA_IMPLEMENTATIONS
+    for dtype in kernels.dtypes:
+        x, A, B, values, support, grad_y = _op_operands(33, 70, 7, 0.1, batch, dtype, shuffle=shuffle)
+        if path == "materialize":
+            y = torch.nn.functional.linear(x, impls["slcompile::materialize"](A, B, values, support, 0.5))
+            grads = impls["slcompile::sl_linear_backward"](grad_y, x, A, B, values, support, 0.5, True)
+        else:
+            y = impls["slcompile::sl_linear_factored"](x, A, B, values, support, 0.5)
+            grads = impls["slcompile::sl_linear_factored_backward"](grad_y, x, A, B, values, support, 0.5, True)
+        wants, magnitudes = _dense_reference(x, A, B, values, support, 0.5, grad_y)
+        for name, got, want, magnitude in zip(("y", "dx", "dA", "dB", "dvalues"), (y, *grads), wants, magnitudes):
+            assert got.dtype == dtype and got.shape == want.shape, name
+            check_close(got, want, magnitude, dtype, f"{path} {name} {dtype}")
+
+
+def test_registered_cuda_ops_fall_back_to_torch_for_float64():
+    impls = package.CUDA_IMPLEMENTATIONS
+    x, A, B, values, support, grad_y = _op_operands(7, 9, 3, 0.3, (4,), torch.float64)
+    for forward, backward in (("slcompile::sl_linear_factored", "slcompile::sl_linear_factored_backward"),):
+        torch.testing.assert_close(impls[forward](x, A, B, values, support, 0.5),
+                                   torch.ops.slcompile.sl_linear_factored(x, A, B, values, support, 0.5))
+        for got, want in zip(impls[backward](grad_y, x, A, B, values, support, 0.5, True),
+                             torch.ops.slcompile.sl_linear_factored_backward(grad_y, x, A, B, values, support, 0.5, True)):
+            torch.testing.assert_close(got, want)
+    for got, want in zip(impls["slcompile::sl_linear_backward"](grad_y, x, A, B, values, support, 0.5, False),
+                         ops.sl_linear_backward(grad_y, x, A, B, values, support, 0.5, False)):
+        torch.testing.assert_close(got, want)
