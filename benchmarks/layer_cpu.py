@@ -2,18 +2,20 @@
 
 For each paper shape (the seven linears of one LLaMA decoder layer, ``LlamaConfig.linear_shapes()``,
 with that config's ``rank``/``alpha``/``density``) and each token count ``N`` (input ``(N, in)``,
-fp32, no bias as in LLaMA), it measures three variants:
+fp32, no bias as in LLaMA), it measures four variants:
 
 - ``dense``:    ``nn.Linear(in, out, bias=False)``.
-- ``sllinear``: ``slcompile.SLLinear`` (custom ops; ``W`` formed in forward, dropped, recomputed
-  in backward; only ``x`` saved).
+- ``sllinear``: ``slcompile.SLLinear`` as users get it (``path="auto"``: per call the cost
+  model's pick of the two custom-op paths; the JSON records the pick per linear; only ``x`` saved).
+- ``sllinear_mat``: ``SLLinear(path="materialize")`` (``W`` formed in forward, dropped,
+  recomputed in backward; only ``x`` saved).
 - ``autograd``: the same parameters through ordinary differentiable torch ops,
   ``W = (scale * B @ A).view(-1).index_add(0, support.long(), values)`` then ``F.linear``:
   whatever autograd decides to save (``x``, ``W`` and the int64 index).
 
 What is measured (all in one process, one run, so the ratios are side by side):
 
-- time: median wall time of one ``forward + backward(grad_y)`` (``time.perf_counter``), the three
+- time: median wall time of one ``forward + backward(grad_y)`` (``time.perf_counter``), the
   variants interleaved round-robin in the same loop (order rotated every repeat) after warm-up.
   Per decoder layer: sum over the seven linears of ``count x median``.
 - saved: bytes autograd holds for backward, from ``torch.autograd.graph.saved_tensors_hooks``:
@@ -30,7 +32,7 @@ What is measured (all in one process, one run, so the ratios are side by side):
   grads, also reported as ``end``). Per decoder layer: the largest of the seven, since the layers
   run one after another.
 
-Values of ``B`` are random (the paper starts it at zero) so every term is live; the two SLTrain
+Values of ``B`` are random (the paper starts it at zero) so every term is live; the SLTrain
 variants are checked to agree before timing. Writes JSON (``--out``) and prints a table.
 
     .venv/bin/python benchmarks/layer_cpu.py --tokens 256,1024,2048 --repeats 5 --shapes 60m,130m
@@ -55,9 +57,11 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from slcompile import SLLinear
+from slcompile.ops_factored import sl_linear_factored
 from slcompile.models.config import LlamaConfig, get_config
 
-VARIANTS = ("dense", "sllinear", "autograd")
+VARIANTS = ("dense", "sllinear", "sllinear_mat", "autograd")
+SL_VARIANTS = VARIANTS[1:]
 MIB = 2**20
 
 
@@ -84,14 +88,17 @@ class AutogradSLLinear(nn.Module):
 
 
 def build_variants(in_features: int, out_features: int, cfg: LlamaConfig, seed: int) -> dict[str, nn.Module]:
-    """The three variants of one ``(in, out)`` linear; the SLTrain two hold identical parameters."""
+    """The variants of one ``(in, out)`` linear; the SLTrain ones hold identical parameters."""
     torch.manual_seed(seed)
     dense = nn.Linear(in_features, out_features, bias=False)
     sl = SLLinear(in_features, out_features, bias=False, rank=cfg.rank, alpha=cfg.alpha, density=cfg.density,
                   seed=seed)
     with torch.no_grad():
         sl.B.normal_(0.0, 1.0 / cfg.rank ** 0.5)
-    return {"dense": dense, "sllinear": sl, "autograd": AutogradSLLinear(sl)}
+    materialized = SLLinear(in_features, out_features, bias=False, rank=cfg.rank, alpha=cfg.alpha,
+                            density=cfg.density, seed=seed, path="materialize")
+    materialized.load_state_dict(sl.state_dict())
+    return {"dense": dense, "sllinear": sl, "sllinear_mat": materialized, "autograd": AutogradSLLinear(sl)}
 
 
 def unique_shapes(cfg: LlamaConfig) -> list[dict]:
@@ -179,14 +186,15 @@ def peak_bytes(module: nn.Module, x: Tensor, grad_y: Tensor) -> dict[str, int]:
 def check_agree(variants: dict[str, nn.Module], x: Tensor, grad_y: Tensor) -> None:
     """The custom-op and plain-autograd SLTrain give the same output and gradients."""
     outs = {}
-    for name in ("sllinear", "autograd"):
+    for name in SL_VARIANTS:
         clear_grads(variants[name], x)
         y = variants[name](x)
         y.backward(grad_y)
         outs[name] = [y.detach(), x.grad, *(variants[name].get_parameter(p).grad for p in ("A", "B", "values"))]
         clear_grads(variants[name], x)
-    for a, b in zip(outs["sllinear"], outs["autograd"]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for name in SL_VARIANTS[:-1]:
+        for a, b in zip(outs[name], outs["autograd"]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def time_round_robin(cases: list[dict], repeats: int, warmup: int) -> None:
@@ -231,10 +239,10 @@ def decoder_layer_saved(cases: list[dict], cfg: LlamaConfig, tokens: int) -> dic
 def flop_floors(cfg: LlamaConfig, tokens: int) -> dict[str, float]:
     """fwd+bwd FLOPs as a multiple of dense ``6*N*in*out`` (DESIGN.md section 4).
 
-    ``sllinear`` forms W twice (forward, backward) plus dA/dB from dense dW: ``1 + 4r/(3N)``;
-    ``autograd`` keeps W, forming it once: ``1 + r/N``.
+    ``sllinear_mat`` forms W twice (forward, backward) plus dA/dB from dense dW: ``1 + 4r/(3N)``;
+    ``autograd`` keeps W, forming it once: ``1 + r/N``. (``sllinear``: its pick's, per linear.)
     """
-    return {"dense": 1.0, "sllinear": 1 + 4 * cfg.rank / (3 * tokens), "autograd": 1 + cfg.rank / tokens}
+    return {"dense": 1.0, "sllinear_mat": 1 + 4 * cfg.rank / (3 * tokens), "autograd": 1 + cfg.rank / tokens}
 
 
 def ratios(values: dict[str, float]) -> dict[str, float]:
@@ -253,6 +261,7 @@ def bench_config(label: str, cfg: LlamaConfig, tokens: int, repeats: int, warmup
     rows, layer_time = [], dict.fromkeys(VARIANTS, 0.0)
     for case in cases:
         row = {key: case[key] for key in ("in", "out", "names", "count")}
+        row["auto_path"] = "factored" if case["variants"]["sllinear"]._op(case["x"]) is sl_linear_factored else "materialize"
         row["time_ms"] = {v: 1e3 * statistics.median(case["times"][v]) for v in VARIANTS}
         row["time_ms_min"] = {v: 1e3 * min(case["times"][v]) for v in VARIANTS}
         row["time_ms_all"] = {v: [1e3 * t for t in case["times"][v]] for v in VARIANTS}
@@ -300,22 +309,24 @@ def print_table(results: list[dict]) -> None:
     for res in results:
         entries = [(f"{r['out']}x{r['in']} x{r['count']}", r) for r in res["linears"]]
         rows += [(res, label, r) for label, r in entries + [("decoder layer (7)", res["decoder_layer"])]]
-    print(f"{'config':<11}{'tokens':>6}  {'linear (out x in)':<19}{'nn.Linear ms':>13}{'SLLinear':>18}"
-          f"{'autograd SL':>18}{'floor SL':>10}{'floor ag':>10}")
+    heads = {"sllinear": "SLLinear auto", "sllinear_mat": "SLLinear mat", "autograd": "autograd SL"}
+    print(f"{'config':<11}{'tokens':>6}  {'linear (out x in)':<19}{'auto path':>12}{'nn.Linear ms':>13}"
+          + "".join(f"{heads[v]:>18}" for v in SL_VARIANTS) + f"{'floor mat':>10}{'floor ag':>10}")
     for res, label, r in rows:
         t, rt, floor = r["time_ms"], r["ratios"]["time"], res["flop_floor"]
-        print(f"{res['config']:<11}{res['tokens']:>6}  {label:<19}{t['dense']:>13.2f}"
-              f"{_cell(t['sllinear'], rt['sllinear']):>18}{_cell(t['autograd'], rt['autograd']):>18}"
-              f"{floor['sllinear']:>10.2f}{floor['autograd']:>10.2f}")
+        print(f"{res['config']:<11}{res['tokens']:>6}  {label:<19}{r.get('auto_path', ''):>12}{t['dense']:>13.2f}"
+              + "".join(f"{_cell(t[v], rt[v]):>18}" for v in SL_VARIANTS)
+              + f"{floor['sllinear_mat']:>10.2f}{floor['autograd']:>10.2f}")
     print("time: median ms of forward+backward, (ratio to nn.Linear); floor: FLOP floor as a multiple of dense\n")
-    print(f"{'config':<11}{'tokens':>6}  {'linear (out x in)':<19}{'saved MiB: nn.Linear':>21}{'SLLinear':>18}"
-          f"{'autograd SL':>18}{'peak MiB: nn.Linear':>21}{'SLLinear':>18}{'autograd SL':>18}")
+    print(f"{'config':<11}{'tokens':>6}  {'linear (out x in)':<19}{'saved MiB: nn.Linear':>21}"
+          + "".join(f"{heads[v]:>18}" for v in SL_VARIANTS) + f"{'peak MiB: nn.Linear':>21}"
+          + "".join(f"{heads[v]:>18}" for v in SL_VARIANTS))
     for res, label, r in rows:
         m, rm = r["memory_bytes"], r["ratios"]
-        saved = [_cell(m[v]["saved_excl_params"] / MIB, rm["saved_excl_params"][v]) for v in VARIANTS[1:]]
-        peak = [_cell(m[v]["peak"] / MIB, rm["peak"][v]) for v in VARIANTS[1:]]
+        saved = "".join(f"{_cell(m[v]['saved_excl_params'] / MIB, rm['saved_excl_params'][v]):>18}" for v in SL_VARIANTS)
+        peak = "".join(f"{_cell(m[v]['peak'] / MIB, rm['peak'][v]):>18}" for v in SL_VARIANTS)
         print(f"{res['config']:<11}{res['tokens']:>6}  {label:<19}{m['dense']['saved_excl_params'] / MIB:>21.2f}"
-              f"{saved[0]:>18}{saved[1]:>18}{m['dense']['peak'] / MIB:>21.2f}{peak[0]:>18}{peak[1]:>18}")
+              f"{saved}{m['dense']['peak'] / MIB:>21.2f}{peak}")
     print("saved: bytes autograd keeps for backward, excluding parameters/buffers (incl. in the JSON);\n"
           "peak: max bytes allocated and live during forward+backward (y, transients, grads); (ratio to nn.Linear)")
 
