@@ -10,7 +10,8 @@ registration as the CUDA implementations of our custom ops:
 - :mod:`.spmm`: ``dense @ S^T`` over a CSR pattern -> the sparse products of
   ``slcompile::sl_linear_factored`` and its backward (``x S^T``, ``dY S``), instead of cuSPARSE.
 
-:mod:`.tile_index` (the support in tile order) and :mod:`.host` (shared checks) serve them.
+:mod:`.tile_index` (the support in tile order), :mod:`.tiles` (shared ``@triton.jit`` tile GEMM and
+support lookup) and :mod:`.host` (shared checks) serve them.
 
 Importing this package registers the CUDA implementations but does not import Triton: the
 kernel modules are imported on the first CUDA call, so a CPU-only process never pays for them.

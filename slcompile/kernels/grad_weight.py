@@ -31,6 +31,7 @@ from torch import Tensor
 
 from slcompile.kernels.host import SUPPORTED_DTYPES, check_index, dot_precision
 from slcompile.kernels.tile_index import tile_index
+from slcompile.kernels.tiles import tile_matmul, tile_support_range
 
 __all__ = ["grad_weight"]
 
@@ -49,27 +50,17 @@ def _grad_weight_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < out_features
     col_ok = cols < in_features
-    ks = tl.arange(0, BLOCK_K)
 
-    # acc = dY[:, rows]^T @ X[:, cols] over the tokens; masked loads pad with zeros.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t0 in range(0, tokens, BLOCK_K):
-        t_ok = (t0 + ks) < tokens
-        g = tl.load(g_ptr + (t0 + ks)[None, :] * stride_gt + rows[:, None] * stride_go,
-                    mask=row_ok[:, None] & t_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + (t0 + ks)[:, None] * stride_xt + cols[None, :] * stride_xi,
-                    mask=t_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(g, x, acc, input_precision=INPUT_PRECISION)
+    # acc = dY[:, rows]^T @ X[:, cols] over the tokens.
+    acc = tile_matmul(g_ptr, x_ptr, rows, cols, row_ok, col_ok, tokens, stride_go, stride_gt, stride_xt, stride_xi,
+                      BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
 
     if WRITE_DW:
         tl.store(dw_ptr + rows[:, None] * stride_wo + cols[None, :] * stride_wi,
                  acc.to(dw_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    # Gather: row m's entries in this column tile are support[start[m]:start[m] + count[m]].
-    ptr_row = tile_ptr_ptr + rows * (n_col_tiles + 1) + pid_n
-    start = tl.load(ptr_row, mask=row_ok, other=0)
-    count = tl.load(ptr_row + 1, mask=row_ok, other=0) - start
-    row_base = rows.to(tl.int64) * in_features + pid_n * BLOCK_N  # flat index of the tile's column 0
+    # Gather, from the accumulator in registers.
+    start, count, row_base = tile_support_range(tile_ptr_ptr, rows, row_ok, pid_n, n_col_tiles, in_features, BLOCK_N)
     local_cols = tl.arange(0, BLOCK_N)
     for k in range(0, tl.max(count, axis=0)):
         has = k < count

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from slcompile.kernels.host import SUPPORTED_DTYPES, check_index, dot_precision
 from slcompile.kernels.tile_index import tile_index
+from slcompile.kernels.tiles import tile_matmul, tile_support_range
 
 __all__ = ["materialize"]
 
@@ -43,24 +44,13 @@ def _materialize_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < out_features
     col_ok = cols < in_features
-    ks = tl.arange(0, BLOCK_K)
 
-    # Low-rank part: acc = B[rows, :] @ A[:, cols] over the rank, masked loads pad with zeros.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, rank, BLOCK_K):
-        k_ok = (k0 + ks) < rank
-        b = tl.load(b_ptr + rows[:, None] * stride_bo + (k0 + ks)[None, :] * stride_br,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        a = tl.load(a_ptr + (k0 + ks)[:, None] * stride_ar + cols[None, :] * stride_ai,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(b, a, acc, input_precision=INPUT_PRECISION)
-    acc = acc * scale
+    # Low-rank part: acc = B[rows, :] @ A[:, cols] over the rank.
+    acc = tile_matmul(b_ptr, a_ptr, rows, cols, row_ok, col_ok, rank, stride_bo, stride_br, stride_ar, stride_ai,
+                      BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * scale
 
-    # Sparse part: row m's entries in this column tile are support[start[m]:end[m]].
-    ptr_row = tile_ptr_ptr + rows * (n_col_tiles + 1) + pid_n
-    start = tl.load(ptr_row, mask=row_ok, other=0)
-    count = tl.load(ptr_row + 1, mask=row_ok, other=0) - start
-    row_base = rows.to(tl.int64) * in_features + pid_n * BLOCK_N  # flat index of the tile's column 0
+    # Sparse part, added in registers.
+    start, count, row_base = tile_support_range(tile_ptr_ptr, rows, row_ok, pid_n, n_col_tiles, in_features, BLOCK_N)
     local_cols = tl.arange(0, BLOCK_N)
     for k in range(0, tl.max(count, axis=0)):
         has = k < count
