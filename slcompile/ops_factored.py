@@ -32,8 +32,11 @@ CSR SDDMM 4-50x faster than two row gathers and a row-wise dot. MKL and cuSPARSE
 operands are multiplied in fp32 and the results rounded once. Both products run over blocks of
 ``TOKEN_BLOCK`` = 256 tokens: per token, MKL's SpMM and SDDMM slowed down several-fold beyond
 a few hundred tokens (the dense operand leaves the L2 cache), and blocks were up to 2x faster
-at 2048 tokens. On CUDA these are library kernels, 3-150x below tensor-core speed
-(REFERENCE.md section 6): a Triton SpMM/SDDMM is the missing piece there.
+at 2048 tokens. Each SpMM block is written into the ``(N, out)`` (or ``(N, in)``) result, into
+which the low-rank term is then added in place: the op's transients beyond its outputs are the
+``(N, r)`` products and one block's buffers. On CUDA the torch products are library kernels,
+3-150x below tensor-core speed (REFERENCE.md section 6); :mod:`slcompile.kernels` replaces them
+by Triton kernels.
 
 Index cache: the CSR patterns of ``S`` and ``S^T`` (``3 * nnz + in + out`` int32: three times
 the support's bytes) are built once per support tensor and kept while it lives, checked against
@@ -108,7 +111,8 @@ class SparseProducts:
     - ``sampled(index, support, g2d, x2d, dtype) -> (nnz,)``: ``(g2d^T @ x2d)`` at the support,
       in the support's order, in ``dtype``.
 
-    Results are in the dense operand's dtype. :data:`TORCH_SPARSE` is the reference (torch CSR);
+    Results are new contiguous tensors in the dense operand's dtype (the factored ops add into the
+    SpMM results in place). :data:`TORCH_SPARSE` is the reference (torch CSR);
     :mod:`slcompile.kernels` registers Triton ones for CUDA.
     """
 
@@ -146,13 +150,17 @@ def _token_blocks(tokens: int) -> list[slice]:
     return [slice(start, start + TOKEN_BLOCK) for start in range(0, tokens, TOKEN_BLOCK)]
 
 
-def _spmm(matrix: Tensor, dense_t: Tensor) -> Tensor:
-    """``matrix (m, k)`` sparse CSR times ``dense_t (k, N)``, computed in ``matrix``'s dtype: ``(m, N)``."""
-    if matrix.values().numel() == 0 or dense_t.shape[1] == 0:
-        return dense_t.new_zeros(matrix.shape[0], dense_t.shape[1], dtype=matrix.dtype)
-    dense_t = dense_t.to(matrix.dtype)
-    blocks = [matrix @ dense_t[:, block] for block in _token_blocks(dense_t.shape[1])]
-    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+def _spmm(matrix: Tensor, dense: Tensor) -> Tensor:
+    """``dense (N, k) @ matrix^T`` for ``matrix (m, k)`` sparse CSR, computed in ``matrix``'s dtype
+    per token block and written into a new contiguous ``(N, m)`` tensor of ``dense``'s dtype (the
+    caller adds the low-rank term into it in place: one ``(N, m)`` buffer, not two)."""
+    out = dense.new_empty(dense.shape[0], matrix.shape[0])
+    if matrix.values().numel() == 0:
+        return out.zero_()
+    dense_t = dense.t().to(matrix.dtype)  # (k, N): MKL/cuSPARSE read each nonzero's token row
+    for block in _token_blocks(dense.shape[0]):
+        out[block] = (matrix @ dense_t[:, block]).t()
+    return out
 
 
 def _sddmm(index: SparseIndex, left: Tensor, right: Tensor, dtype: torch.dtype) -> Tensor:
@@ -170,11 +178,11 @@ def _sddmm(index: SparseIndex, left: Tensor, right: Tensor, dtype: torch.dtype) 
 
 
 def _torch_s_x(index: SparseIndex, values: Tensor, x2d: Tensor) -> Tensor:
-    return _spmm(index.csr(values.to(_sparse_dtype(values.dtype))), x2d.t()).to(x2d.dtype).t()
+    return _spmm(index.csr(values.to(_sparse_dtype(values.dtype))), x2d)
 
 
 def _torch_dy_s(index: SparseIndex, values: Tensor, g2d: Tensor) -> Tensor:
-    return _spmm(index.csr_t(values.to(_sparse_dtype(values.dtype))), g2d.t()).to(g2d.dtype).t()
+    return _spmm(index.csr_t(values.to(_sparse_dtype(values.dtype))), g2d)
 
 
 def _torch_sampled(index: SparseIndex, support: Tensor, g2d: Tensor, x2d: Tensor, dtype: torch.dtype) -> Tensor:
@@ -190,7 +198,7 @@ def factored_forward(x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: T
     in_features, out_features = A.shape[1], B.shape[0]
     x2d = x.reshape(-1, in_features)
     index = sparse_index(support, out_features, in_features)
-    y = torch.addmm(sparse.s_x(index, values, x2d), torch.mm(x2d, A.t()), B.t(), alpha=scale)
+    y = sparse.s_x(index, values, x2d).addmm_(torch.mm(x2d, A.t()), B.t(), alpha=scale)
     if bias is not None:
         y.add_(bias)
     return y.view(*x.shape[:-1], out_features)
@@ -204,7 +212,7 @@ def factored_backward(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: T
     index = sparse_index(support, out_features, in_features)
     grad_low = torch.mm(g2d, B)  # (N, r): dY @ B, shared by dx and dA
     if need_dx:
-        grad_x = torch.addmm(sparse.dy_s(index, values, g2d), grad_low, A, alpha=scale).view(x.shape)
+        grad_x = sparse.dy_s(index, values, g2d).addmm_(grad_low, A, alpha=scale).view(x.shape)
     else:
         grad_x = x.new_empty(0)
     grad_b = torch.mm(g2d.t(), torch.mm(x2d, A.t())).mul_(scale)

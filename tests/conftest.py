@@ -31,6 +31,34 @@ def reference_weight():
     return dense_reference_weight
 
 
+def _replayed_peak(prof) -> int:
+    from torch._C._profiler import _EventType
+
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            events.append((event.start_time_ns, event.extra_fields.alloc_size > 0, event.extra_fields.ptr,
+                           event.extra_fields.alloc_size))
+    live, current, peak = {}, 0, 0
+    for _, _, ptr, size in sorted(events):
+        if size > 0:
+            live[ptr] = size
+            current += size
+        elif ptr in live:  # frees of blocks allocated before the profile are ignored
+            current -= live.pop(ptr)
+        peak = max(peak, current)
+    return peak
+
+
+@pytest.fixture
+def replayed_peak():
+    """``replayed_peak(prof) -> int``: peak live CPU bytes allocated inside a ``torch.profiler``
+    profile recorded with ``profile_memory=True``."""
+    return _replayed_peak
+
+
 def pytest_collection_modifyitems(config, items):
     if not os.environ.get("SLCOMPILE_SLOW"):
         skip = pytest.mark.skip(reason="slow test: set SLCOMPILE_SLOW=1 to run")

@@ -387,30 +387,8 @@ def test_model_matches_real_tensors(method, dtype, state_bits):
     assert _nbytes(states) == want["optimizer_states"]
 
 
-def _replayed_peak(prof):
-    """Peak live bytes allocated on the CPU during a profile (allocation events replayed)."""
-    from torch._C._profiler import _EventType
-
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            events.append((event.start_time_ns, event.extra_fields.alloc_size > 0, event.extra_fields.ptr,
-                           event.extra_fields.alloc_size))
-    live, current, peak = {}, 0, 0
-    for _, _, ptr, size in sorted(events):
-        if size > 0:
-            live[ptr] = size
-            current += size
-        elif ptr in live:
-            current -= live.pop(ptr)
-        peak = max(peak, current)
-    return peak
-
-
 @pytest.mark.parametrize("dtype,state_bits", [(torch.float32, 32), (torch.bfloat16, 16)])
-def test_single_tensor_adamw_step_holds_two_copies(dtype, state_bits):
+def test_single_tensor_adamw_step_holds_two_copies(dtype, state_bits, replayed_peak):
     # Per layer, 16/32-bit states are stepped by torch's single-tensor AdamW, whose
     # (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps) holds two copies of the tensor.
     from torch.profiler import ProfilerActivity, profile
@@ -427,7 +405,7 @@ def test_single_tensor_adamw_step_holds_two_copies(dtype, state_bits):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         opt.step()
     nbytes = param.numel() * param.element_size()
-    assert 2 * nbytes <= _replayed_peak(prof) < 2 * nbytes + 4096
+    assert 2 * nbytes <= replayed_peak(prof) < 2 * nbytes + 4096
 
 
 _SLOW = pytest.mark.skipif(os.environ.get("SLCOMPILE_SLOW") != "1",
@@ -443,7 +421,7 @@ _SLOW = pytest.mark.skipif(os.environ.get("SLCOMPILE_SLOW") != "1",
     (8, torch.bfloat16, (5003,), False),    # padded to 5120
     (8, torch.bfloat16, (344, 32), True),   # Int8Weight: dequantize, step, requantize
 ])
-def test_compiled_lowbit_update_matches_the_model(state_bits, dtype, shape, int8):
+def test_compiled_lowbit_update_matches_the_model(state_bits, dtype, shape, int8, replayed_peak):
     from torch.profiler import ProfilerActivity, profile
 
     from slcompile.optim import Int8Weight, build
@@ -462,4 +440,4 @@ def test_compiled_lowbit_update_matches_the_model(state_bits, dtype, shape, int8
     numel, rows = param.numel(), shape[0] if len(shape) == 2 else 1
     t = memory._Tensor(sympy.Integer(numel), sympy.Integer(1), sympy.Integer(rows), int8)
     want = memory._update_bytes(t, state_bits=state_bits, elem=c, compute_bytes=c, int8=int8, cpu=True)
-    assert want <= _replayed_peak(prof) <= want + 64  # + the step counter and lr scalars
+    assert want <= replayed_peak(prof) <= want + 64  # + the step counter and lr scalars

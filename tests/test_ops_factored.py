@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from slcompile import ops
-from slcompile.ops_factored import sl_linear_factored, sl_linear_factored_backward, sparse_index
+from slcompile.ops_factored import TOKEN_BLOCK, sl_linear_factored, sl_linear_factored_backward, sparse_index
 from slcompile.support import generate_support
 
 from conftest import dense_reference_weight
@@ -107,3 +107,24 @@ def test_sparse_index_is_cached_and_rebuilt_on_change():
     dense = torch.zeros(30).index_put((support.long(),), values, accumulate=True).view(6, 5)
     torch.testing.assert_close(rebuilt.csr(values).to_dense(), dense)
     torch.testing.assert_close(rebuilt.csr_t(values).to_dense(), dense.T)
+
+
+def test_transients_do_not_grow_with_tokens(replayed_peak):
+    # The SpMM results are written into the op's outputs (N, out) / (N, in) block by block and the
+    # low-rank terms added in place: beyond the outputs, only (N, r) products and per-block
+    # buffers of the sparse library, no (out, N) copy or concatenation and no (out, in) W.
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens, in_features, out_features, rank = 16 * TOKEN_BLOCK, 256, 512, 16
+    x, A, B, values, support, _ = _operands(out_features, in_features, rank, 4000, (tokens,), requires_grad=False)
+    grad_y = torch.randn(tokens, out_features, dtype=x.dtype)
+    sparse_index(support, out_features, in_features)  # built (and cached) outside the profiles
+    per_block = 4 * TOKEN_BLOCK * max(in_features, out_features) * x.element_size()
+    low_rank = tokens * rank * x.element_size()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y = sl_linear_factored(x, A, B, values, support, 0.5)
+    assert y.nbytes <= replayed_peak(prof) <= y.nbytes + low_rank + per_block
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        grads = sl_linear_factored_backward(grad_y, x, A, B, values, support, 0.5, True)
+    ends = sum(g.nbytes for g in grads)
+    assert ends <= replayed_peak(prof) <= ends + 2 * low_rank + per_block
