@@ -9,10 +9,13 @@ materialize is no slower than factored (and stays so); the **predicted** one is
 :func:`slcompile.cost_model.crossover_tokens` with the ``cpu`` preset and with rates fitted to
 this run's measurements (GEMM, forming ``W``, SpMM/SDDMM FLOP/s and a fixed cost per kernel, by
 non-negative least squares on relative error: in-sample, so it shows how well the model's *form*
-can explain the times; copy bandwidth measured apart). Per mode it also reports what choosing
-by the ``cpu`` preset costs, at margin 1 and at :class:`~slcompile.passes.ChoosePathPass`'s
-default margin (``pass picks``): the chosen path's time over materialize's (> 1 means the
-choice made things slower) and over the faster path's.
+can explain the times; copy bandwidth measured apart), and with the rates
+:func:`slcompile.calibration.calibrate` measures at the start of the run, as ``SLLinear(path="auto")``
+does on first use (out-of-sample: one mid-size shape, micro-benchmarks). Per mode it reports
+what choosing costs, as the ``cpu`` preset at margin 1, as the preset at its margin
+(:data:`~slcompile.cost_model.DEFAULT_MARGIN`, what auto did before calibration) and as auto
+does now (calibrated, margin 1; ``auto picks``): the chosen path's time over materialize's
+(> 1 means the choice made things slower) and over the faster path's.
 
     .venv/bin/python benchmarks/paths_bench.py                         # 60m,130m; 1..4096 tokens; 1 thread
     .venv/bin/python benchmarks/paths_bench.py --shapes 60m --tokens 1,16,256 --repeats 3
@@ -38,9 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from layer_cpu import machine_info  # noqa: E402
 
-from slcompile import cost_model, ops, ops_factored  # noqa: E402
+from slcompile import calibration, cost_model, ops, ops_factored  # noqa: E402
 from slcompile.models.config import get_config  # noqa: E402
-from slcompile.passes.choose_path import DEFAULT_MARGIN  # noqa: E402
 from slcompile.support import generate_support, nnz_for  # noqa: E402
 
 PATH_OPS = {"materialize": ops.sl_linear, "factored": ops_factored.sl_linear_factored}
@@ -243,19 +245,18 @@ def print_tables(results: list[dict], spec: cost_model.DeviceSpec, paper: dict) 
         for mode, entry in res["by_mode"].items():
             t = res["time_ms"][mode]
             print(f"  {mode:<8}{'tokens':>7}{'mat ms':>10}{'fac ms':>10}{'fac/mat':>9}"
-                  f"{'model cpu':>11}{'fitted':>8}{'pass picks':>12}")
+                  f"{'model cpu':>11}{'fitted':>8}{'calibrated':>12}{'auto picks':>12}")
             for k, n in enumerate(res["tokens"]):
                 model = [entry[d]["predicted_ms"]["factored"][k] / entry[d]["predicted_ms"]["materialize"][k]
-                         for d in ("cpu", "fitted")]
+                         for d in ("cpu", "fitted", "auto")]
                 print(f"  {'':<8}{n:>7}{t['materialize'][k]:>10.3f}{t['factored'][k]:>10.3f}"
                       f"{t['factored'][k] / t['materialize'][k]:>9.2f}{model[0]:>11.2f}{model[1]:>8.2f}"
-                      f"{entry['pass']['picks'][k][:3]:>12}")
+                      f"{model[2]:>12.2f}{entry['auto']['picks'][k][:3]:>12}")
             cross = entry["crossover"]
             print(f"  crossover tokens: measured {cross['measured']}, cpu preset {cross['cpu']}, fitted "
-                  f"{cross['fitted']} (None: factored cheaper over the whole range)")
-            for name in ("cpu", "pass"):
-                print(f"  choosing as {name} ({'margin 1' if name == 'cpu' else f'margin {DEFAULT_MARGIN}'}): worst "
-                      f"{max(entry[name]['vs_materialize']):.2f}x materialize, "
+                  f"{cross['fitted']}, calibrated {cross['auto']} (None: factored cheaper over the whole range)")
+            for name, label in CHOOSERS.items():
+                print(f"  choosing as {label}: worst {max(entry[name]['vs_materialize']):.2f}x materialize, "
                       f"{max(entry[name]['vs_best']):.2f}x the faster path")
     print("\ncost model, one decoder layer (7 linears), bf16, as a multiple of dense nn.Linear:")
     for name, by_device in paper.items():
@@ -265,6 +266,10 @@ def print_tables(results: list[dict], spec: cost_model.DeviceSpec, paper: dict) 
                          f"-> {'/'.join(v['picks'])}" for n, v in by_tokens.items() if n != "crossover"]
                 print(f"  {name:<11}{device:<14}{mode:<8}" + "; ".join(cells))
                 print(f"  {'':<33}crossover tokens per shape: {by_tokens['crossover']}")
+
+
+CHOOSERS = {"cpu": "cpu preset, margin 1", "preset": f"cpu preset, margin {cost_model.DEFAULT_MARGIN}",
+            "auto": "auto (calibrated, margin 1)"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -285,6 +290,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    calibrated = calibration.calibrate()
     results = []
     for name in args.shapes:
         cfg = get_config(name)
@@ -293,14 +299,16 @@ def main(argv=None) -> dict:
             print(f"done {name} {in_f}x{out_f} ({time.perf_counter() - started:.0f} s)", flush=True)
     spec = fit_device(results, copy_bandwidth(args.repeats))
     for res in results:
-        evaluate(res, {"cpu": ("cpu", 1.0), "fitted": (spec, 1.0), "pass": ("cpu", DEFAULT_MARGIN)})
+        evaluate(res, {"cpu": ("cpu", 1.0), "fitted": (spec, 1.0), "preset": ("cpu", cost_model.DEFAULT_MARGIN),
+                       "auto": (calibrated, calibrated.margin)})
     paper = paper_predictions()
     report = {
         "benchmark": "paths_bench", "device": "cpu", "torch": torch.__version__, "machine": machine_info(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": {"threads": torch.get_num_threads(), "shapes": args.shapes, "tokens": args.tokens,
                      "repeats": args.repeats, "dtype": "float32", "command": " ".join(["python", *sys.argv])},
-        "fitted_device": vars(spec), "cpu_preset": vars(cost_model.DEVICES["cpu"]),
+        "fitted_device": vars(spec), "calibrated_device": vars(calibrated),
+        "cpu_preset": vars(cost_model.DEVICES["cpu"]),
         "results": results, "paper_predictions": paper,
         "probe_spmm": probe_spmm(args.repeats) if args.probe else None,
     }
@@ -308,6 +316,9 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
+    print(f"calibrated at the start (micro-benchmarks): GEMM {calibrated.dense_flops / 1e9:.0f} GFLOP/s, form W "
+          f"{calibrated.form_flops / 1e9:.0f}, SpMM {calibrated.spmm_flops / 1e9:.1f}, SDDMM "
+          f"{calibrated.sddmm_flops / 1e9:.1f}, {calibrated.launch_s * 1e6:.0f} us/kernel")
     print_tables(results, spec, paper)
     if report["probe_spmm"]:
         print("\nS @ x^T (2048x2048, density 0.03):", json.dumps(report["probe_spmm"]["by_tokens"]))

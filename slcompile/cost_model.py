@@ -188,6 +188,12 @@ def flop_crossover(mode: Mode = "train", recompute_xa: bool = True) -> sympy.Exp
     return sympy.simplify(solution)
 
 
+# Factored only where the model promises a 20% saving: on CPU its estimate of factored/materialize
+# ran 0.1-0.2 low near the crossover (benchmarks/paths_bench.py); materialize is the path tuned
+# and measured for training, so an uncertain call goes its way (the presets' margin).
+DEFAULT_MARGIN = 0.8
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     """Rates of one device (see the module doc for where each default comes from).
@@ -196,7 +202,11 @@ class DeviceSpec:
     forming ``W = scale * B @ A + S`` (a GEMM with ``K = r``, often slower); ``spmm_flops`` /
     ``sddmm_flops``: achieved FLOP/s of the sparse products over a random support;
     ``bandwidth``: bytes/s; ``launch_s``: fixed cost per kernel (launch, dispatch);
-    ``gather_in_gemm``: ``dvalues`` come out of a GEMM epilogue (see :func:`kernels`)."""
+    ``gather_in_gemm``: ``dvalues`` come out of a GEMM epilogue (see :func:`kernels`);
+    ``margin``: how much cheaper factored must look on this spec before the default choice
+    (:func:`choose_path_for_call`, :class:`~slcompile.passes.ChoosePathPass`) takes it:
+    :data:`DEFAULT_MARGIN` for the presets (assumed rates, or another machine's fit), 1 for rates
+    measured where they are used (:func:`slcompile.calibration.calibrate`)."""
 
     name: str
     dense_flops: float
@@ -206,6 +216,7 @@ class DeviceSpec:
     bandwidth: float
     launch_s: float
     gather_in_gemm: bool = False
+    margin: float = DEFAULT_MARGIN
 
     def rate(self, unit: str) -> float:
         return {"dense": self.dense_flops, "form": self.form_flops, "spmm": self.spmm_flops, "sddmm": self.sddmm_flops,
@@ -268,12 +279,6 @@ def path_time(path: Path, tokens: int, in_features: int, out_features: int, rank
                             index_bytes, recompute_xa).values())
 
 
-# Factored only where the model promises a 20% saving: on CPU its estimate of factored/materialize
-# ran 0.1-0.2 low near the crossover (benchmarks/paths_bench.py); materialize is the path tuned
-# and measured for training, so an uncertain call goes its way.
-DEFAULT_MARGIN = 0.8
-
-
 def choose_path(tokens: int, in_features: int, out_features: int, rank: int, nnz: int,
                 device: str | DeviceSpec = "h200", mode: Mode = "train", dtype_bytes: int = 2,
                 margin: float = 1.0) -> Literal["materialize", "factored"]:
@@ -287,15 +292,18 @@ def choose_path(tokens: int, in_features: int, out_features: int, rank: int, nnz
 @functools.lru_cache(maxsize=4096)
 def choose_path_for_call(tokens: int, in_features: int, out_features: int, rank: int, nnz: int, device_type: str,
                          mode: Mode, dtype_bytes: int) -> Literal["materialize", "factored"]:
-    """:func:`choose_path` with :data:`DEFAULT_MARGIN` on the preset of a torch device type
-    (:func:`device_for`), memoized: what ``SLLinear(path="auto")`` asks on every call (a few
-    microseconds the first time a shape is seen, a dict lookup after). Device types without a
-    preset get ``"materialize"``."""
+    """:func:`choose_path` on the spec of a torch device type
+    (:func:`slcompile.calibration.runtime_device`: on CPU measured once per process, else the
+    preset) at that spec's ``margin``, memoized: what ``SLLinear(path="auto")`` asks on every call
+    (a few microseconds the first time a shape is seen, a dict lookup after). Device types
+    without a preset get ``"materialize"``."""
+    from slcompile.calibration import runtime_device  # lazy: calibrating runs the ops
+
     try:
-        device = device_for(device_type)
+        device = runtime_device(device_type)
     except ValueError:
         return "materialize"
-    return choose_path(tokens, in_features, out_features, rank, nnz, device, mode, dtype_bytes, DEFAULT_MARGIN)
+    return choose_path(tokens, in_features, out_features, rank, nnz, device, mode, dtype_bytes, device.margin)
 
 
 def crossover_tokens(in_features: int, out_features: int, rank: int, nnz: int, device: str | DeviceSpec = "h200",

@@ -114,17 +114,22 @@ def test_saved_tensors_equal_nn_linear(path):
 
 
 def test_auto_path_follows_the_cost_model_per_call():
-    """``path="auto"``: few tokens go factored, many materialize (cpu preset), as the cost model
-    says for each call's token count and mode; both give the same result."""
+    """``path="auto"``: per call, the cost model's pick on this machine's CPU spec for the call's
+    token count and mode (few tokens factored, very many materialize); both give the same result."""
     from slcompile import cost_model, ops, ops_factored
+    from slcompile.calibration import runtime_device
 
     layer = _randomized(SLLinear(512, 512, rank=128, density=0.03), 0).float()
-    for tokens, want in ((1, "factored"), (16384, "materialize")):
+    wide = SLLinear(512, 512, rank=384, density=0.03)  # r (4 in / 3 + out) > in out: factored loses at large N
+    spec = runtime_device("cpu")
+    for module, tokens, want in ((layer, 1, "factored"), (wide, 2**22, "materialize")):
         for grad in (True, False):
             mode = "train" if grad else "forward"
-            assert cost_model.choose_path_for_call(tokens, 512, 512, 128, layer.nnz, "cpu", mode, 4) == want
+            args = (tokens, 512, 512, module.rank, module.nnz)
+            assert cost_model.choose_path(*args, spec, mode, 4, spec.margin) == want
+            assert cost_model.choose_path_for_call(*args, "cpu", mode, 4) == want
             with torch.set_grad_enabled(grad):
-                op = layer._op(torch.empty(tokens, 512))
+                op = module._op(torch.empty(1, 512).expand(tokens, 512))  # no (N, in) allocation
             assert op is (ops_factored.sl_linear_factored if want == "factored" else ops.sl_linear)
     layer.double()
     x = torch.randn(3, 7, 512, dtype=torch.float64)

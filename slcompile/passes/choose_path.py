@@ -10,11 +10,13 @@ For each ``slcompile.sl_linear`` node with static shapes, :func:`slcompile.cost_
 decides from the node's fake tensors: tokens ``N`` = the product of ``x``'s leading dimensions,
 ``in``/``out``/``r``/``nnz`` from ``A``, ``B`` and ``values``, the dtype's bytes, ``mode="train"``
 if the node's output requires grad (else ``"forward"``), and the device: the pass's ``device``
-(a :class:`~slcompile.cost_model.DeviceSpec` or preset name) or, by default, the preset for the
-tensors' device type (:func:`slcompile.cost_model.device_for`: ``cpu``, or on CUDA
-``h200-triton`` with our Triton kernels, ``h200-cusparse`` without); factored is chosen only if estimated below ``margin`` (default
-:data:`DEFAULT_MARGIN` = 0.8) times materialize. Both ops take the same arguments, so a rewrite only changes the
-node's target. Left alone (counted, with a note): symbolic shapes (``dynamic=True`` or a
+(a :class:`~slcompile.cost_model.DeviceSpec` or preset name) or, by default, the spec eager
+``SLLinear(path="auto")`` uses for the tensors' device type
+(:func:`slcompile.calibration.runtime_device`: on CPU rates measured on this machine, on CUDA
+the ``h200-triton`` preset with our Triton kernels, ``h200-cusparse`` without); factored is
+chosen only if estimated below ``margin`` times materialize (default: the spec's own ``margin``,
+:data:`DEFAULT_MARGIN` = 0.8 for a preset, 1 for measured rates). Both ops take the same
+arguments, so a rewrite only changes the node's target. Left alone (counted, with a note): symbolic shapes (``dynamic=True`` or a
 recompile after a shape change: one graph then serves every ``N``, and materialize is the path
 whose cost does not blow up with ``N``), and devices without a preset.
 """
@@ -28,6 +30,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from slcompile import cost_model, ops_factored  # noqa: F401  (registers slcompile::sl_linear_factored)
+from slcompile.calibration import runtime_device
 
 __all__ = ["DEFAULT_MARGIN", "ChoosePathPass", "SL_LINEAR", "SL_LINEAR_FACTORED"]
 
@@ -44,14 +47,14 @@ class ChoosePathPass(CustomGraphPass):
     """Swap ``sl_linear`` for ``sl_linear_factored`` on a Dynamo graph where it is estimated faster.
 
     ``device``: a :class:`~slcompile.cost_model.DeviceSpec` or preset name for every node, or
-    ``None`` (each node's tensor device type picks its preset). ``margin``: factored only if
-    estimated below ``margin`` times materialize (see :data:`DEFAULT_MARGIN`). Call on ``gm.graph`` (then
+    ``None`` (each node's tensor device type picks its spec, as in eager). ``margin``: factored
+    only if estimated below ``margin`` times materialize (``None``: the spec's ``margin``). Call on ``gm.graph`` (then
     ``gm.recompile()``). ``counts``: ``factored`` / ``materialize`` decisions, ``dynamic`` nodes
     kept for symbolic shapes, ``graphs`` seen; ``notes``: one line per node and why.
     """
 
-    def __init__(self, device: str | cost_model.DeviceSpec | None = None, margin: float = DEFAULT_MARGIN) -> None:
-        if not 0 < margin <= 1:
+    def __init__(self, device: str | cost_model.DeviceSpec | None = None, margin: float | None = None) -> None:
+        if margin is not None and not 0 < margin <= 1:
             raise ValueError(f"choose_path margin must lie in (0, 1], got {margin!r}")
         self.device = None if device is None else cost_model.device_for(device)
         self.margin = margin
@@ -82,7 +85,7 @@ class ChoosePathPass(CustomGraphPass):
             self.counts["dynamic"] += 1
             return "materialize"
         try:
-            device = self.device or cost_model.device_for(x.device.type)
+            device = self.device or runtime_device(x.device.type)
         except ValueError:
             self.notes.append(f"{node.name}: no cost-model preset for device {x.device.type!r}: kept materialize")
             self.counts["materialize"] += 1
@@ -91,9 +94,10 @@ class ChoosePathPass(CustomGraphPass):
         shape = (math.prod(x.shape[:-1]), A.shape[1], B.shape[0], A.shape[0], values.shape[0])
         times = {path: cost_model.path_time(path, *shape, device, mode, x.dtype.itemsize)
                  for path in cost_model.PATHS}
-        path = cost_model.choose_path(*shape, device, mode, x.dtype.itemsize, self.margin)
+        margin = device.margin if self.margin is None else self.margin
+        path = cost_model.choose_path(*shape, device, mode, x.dtype.itemsize, margin)
         self.counts[path] += 1
         self.notes.append(f"{node.name}: N={shape[0]} {shape[1]}x{shape[2]} r={shape[3]} nnz={shape[4]} "
-                          f"({mode}, {device.name}): materialize {1e6 * times['materialize']:.1f} us, "
+                          f"({mode}, {device.name}, margin {margin}): materialize {1e6 * times['materialize']:.1f} us, "
                           f"factored {1e6 * times['factored']:.1f} us -> {path}")
         return path

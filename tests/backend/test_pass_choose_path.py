@@ -120,13 +120,15 @@ def test_uuid_depends_on_device_and_margin():
 @pytest.mark.compile
 def test_backend_with_choose_path_matches_eager():
     torch.manual_seed(0)
-    model = nn.Sequential(slcompile.SLLinear(256, 192, rank=32, alpha=8.0, density=0.05, seed=1), nn.GELU(),
-                          slcompile.SLLinear(192, 256, bias=False, rank=32, alpha=8.0, density=0.05, seed=2))
+    # 6 tokens through 512 x 384 layers at rank 128: forming W costs ~40x the factored GEMMs, so
+    # factored wins on any CPU spec (at rank 32 the two paths tie within dispatch overheads).
+    model = nn.Sequential(slcompile.SLLinear(512, 384, rank=128, alpha=8.0, density=0.05, seed=1), nn.GELU(),
+                          slcompile.SLLinear(384, 512, bias=False, rank=128, alpha=8.0, density=0.05, seed=2))
     with torch.no_grad():
         for layer in (model[0], model[2]):
             layer.B.normal_(0.0, 0.2)
-    x = torch.randn(2, 3, 256)
-    grad_y = torch.randn(2, 3, 256)
+    x = torch.randn(2, 3, 512)
+    grad_y = torch.randn(2, 3, 512)
 
     def run(fn):
         model.zero_grad(set_to_none=True)

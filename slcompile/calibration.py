@@ -1,0 +1,121 @@
+"""Cost-model rates measured on the machine at hand: what ``path="auto"`` decides with on CPU.
+
+The ``cpu`` preset of :mod:`slcompile.cost_model` holds rates fitted on one machine, and CPUs
+differ most in what the path choice turns on, the sparse products against the GEMMs: fits on
+this project's shared 2-core runners gave GEMM 56-88 GFLOP/s and MKL SpMM 4.5-13 GFLOP/s, so the
+preset put the factored/materialize crossover of a 512 x 512 layer at 1024 tokens on one runner
+while on another factored was faster up to 4096 (``benchmarks/paths_bench.py``).
+:func:`calibrate` measures each rate the model uses with the implementation that runs it, at one
+mid-size shape (``in = out = 512``, ``r = 128``, density 0.03, 512 tokens), in about 0.1-0.3 s:
+
+- ``dense_flops``: ``torch.mm`` ``(N, in) @ (in, out)``;
+- ``form_flops``: ``slcompile::materialize`` (``B @ A``, scale, ``index_add`` of the values);
+- ``spmm_flops`` / ``sddmm_flops``: :data:`slcompile.ops_factored.TORCH_SPARSE`'s ``S x`` and
+  sampled ``dY^T x`` (MKL CSR, token blocks), transposes and casts included;
+- ``launch_s``: one forward + backward of ``sl_linear_factored`` at a tiny shape, divided by the
+  number of kernels the model counts for it (custom-op dispatch, autograd, index cache lookup);
+- ``bandwidth``: a 32 MiB ``copy_`` (bytes read + written).
+
+Each is the median of a few timed calls, all timed round-robin after two warm-up rounds, with
+the process's torch thread count; a kernel's rate is its FLOPs over its time less ``launch_s``. :func:`runtime_device` is the
+spec ``SLLinear(path="auto")`` and :class:`~slcompile.passes.ChoosePathPass` use for tensors of a
+device type: on CPU, :func:`calibrate`'s, measured once per process on first use; elsewhere the
+preset of :func:`slcompile.cost_model.device_for` (the CUDA rates are not measured here).
+``SLCOMPILE_CALIBRATE=0`` keeps the ``cpu`` preset, for a path choice that does not depend on
+timings (both paths compute the same function; they differ in rounding, ~1e-6 relative in fp32).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import time
+from dataclasses import replace
+from typing import Callable
+
+import torch
+
+from slcompile import cost_model
+
+__all__ = ["calibrate", "runtime_device"]
+
+_SHAPE = dict(tokens=512, in_features=512, out_features=512, rank=128, density=0.03)
+_MIN_SECONDS = 1e-7  # floor of a kernel's time less launch (a rate stays finite)
+
+
+def _median_seconds(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each of ``fns``, timed round-robin (one call of each per round,
+    ``warmup`` rounds untimed): a clock ramping up or a noisy neighbour hits them all alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _tiny_factored_step(gen: torch.Generator) -> Callable[[], None]:
+    """One fwd+bwd of ``sl_linear_factored`` at ``8 x 8``, rank 2, one token: all fixed cost."""
+    from slcompile.ops_factored import sl_linear_factored
+    from slcompile.support import generate_support
+
+    x, A, B, values = (torch.randn(*shape, generator=gen).requires_grad_()
+                       for shape in ((1, 8), (2, 8), (8, 2), (6,)))
+    support = generate_support(8, 8, 6, 0)
+
+    def step():
+        sl_linear_factored(x, A, B, values, support, 1.0).sum().backward()
+
+    return step
+
+
+def calibrate(repeats: int = 5) -> cost_model.DeviceSpec:
+    """A :class:`~slcompile.cost_model.DeviceSpec` named ``"cpu-calibrated"`` measured on this
+    CPU (see the module doc), in fp32, with ``margin`` 1: its rates are this machine's, so the
+    cheaper estimate is taken as it is (on the runner it was measured on, margin 1 picked the faster
+    path at every shape and token count of ``benchmarks/paths_bench.py``, 0.8 lost up to 14%). Draws from its own generator: the global RNG is untouched.
+    Needs grad mode (it times one backward)."""
+    from slcompile import ops
+    from slcompile.ops_factored import TORCH_SPARSE, sparse_index
+    from slcompile.support import generate_support, nnz_for
+
+    if repeats < 1:
+        raise ValueError(f"calibrate needs repeats >= 1, got {repeats!r}")
+    n, d_in, d_out, rank = _SHAPE["tokens"], _SHAPE["in_features"], _SHAPE["out_features"], _SHAPE["rank"]
+    nnz = nnz_for(d_in, d_out, _SHAPE["density"])
+    gen = torch.Generator().manual_seed(0)
+    x, grad_y, weight = (torch.randn(*s, generator=gen) for s in ((n, d_in), (n, d_out), (d_out, d_in)))
+    A, B, values = (torch.randn(*s, generator=gen) for s in ((rank, d_in), (d_out, rank), (nnz,)))
+    support = generate_support(d_out, d_in, nnz, 0)
+    index = sparse_index(support, d_out, d_in)
+    src = torch.randn(2**23, generator=gen)  # 32 MiB: with dst, beyond a 32 MiB L3
+    dst = torch.empty_like(src)
+    seconds = _median_seconds({
+        "launch": _tiny_factored_step(gen),
+        "dense": lambda: torch.mm(x, weight.t()),
+        "form": lambda: ops.materialize(A, B, values, support, 0.5),
+        "spmm": lambda: TORCH_SPARSE.s_x(index, values, x),
+        "sddmm": lambda: TORCH_SPARSE.sampled(index, support, grad_y, x, values.dtype),
+        "copy": lambda: dst.copy_(src),
+    }, repeats)
+    launch = seconds["launch"] / len(cost_model.kernels("factored", "train"))
+
+    def rate(flops: float, unit: str) -> float:
+        return flops / max(seconds[unit] - launch, _MIN_SECONDS)
+
+    return replace(cost_model.DEVICES["cpu"], name="cpu-calibrated", margin=1.0, dense_flops=rate(2 * n * d_in * d_out, "dense"),
+                   form_flops=rate(2 * d_out * rank * d_in + nnz, "form"), spmm_flops=rate(2 * n * nnz, "spmm"),
+                   sddmm_flops=rate(2 * n * nnz, "sddmm"), bandwidth=2 * src.nbytes / seconds["copy"], launch_s=launch)
+
+
+@functools.cache
+def runtime_device(device_type: str) -> cost_model.DeviceSpec:
+    """The spec the path choice uses for tensors on ``device_type`` (memoized per process):
+    ``"cpu"``: :func:`calibrate` (``SLCOMPILE_CALIBRATE=0``: the ``cpu`` preset); else
+    :func:`slcompile.cost_model.device_for` (``ValueError`` for a type without a preset)."""
+    if device_type == "cpu" and os.environ.get("SLCOMPILE_CALIBRATE", "1") != "0":
+        with torch.inference_mode(False), torch.enable_grad():  # whatever mode the first call came in
+            return calibrate()
+    return cost_model.device_for(device_type)

@@ -1,0 +1,43 @@
+"""``slcompile.calibration``: measured CPU rates for the cost model, and the spec auto uses."""
+import pytest
+import torch
+
+from slcompile import calibration, cost_model
+
+
+def test_calibrate_measures_every_rate_and_leaves_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    spec = calibration.calibrate(repeats=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert spec.name == "cpu-calibrated" and spec.margin == 1.0 and not spec.gather_in_gemm
+    for rate in (spec.dense_flops, spec.form_flops, spec.spmm_flops, spec.sddmm_flops, spec.bandwidth):
+        assert 1e6 < rate < 1e15  # finite, positive, and in FLOP/s or B/s (not per ms)
+    assert 0 < spec.launch_s < 0.1
+    # The model runs on it: a one-token call is cheaper factored than forming a 512 x 512 W.
+    assert cost_model.choose_path(1, 512, 512, 128, 7864, spec, "train", 4, spec.margin) == "factored"
+    with pytest.raises(ValueError, match="repeats"):
+        calibration.calibrate(repeats=0)
+
+
+def test_calibrate_works_under_inference_mode_through_runtime_device(monkeypatch):
+    monkeypatch.delenv("SLCOMPILE_CALIBRATE", raising=False)
+    calibration.runtime_device.cache_clear()
+    try:
+        with torch.inference_mode():
+            spec = calibration.runtime_device("cpu")
+        assert spec.name == "cpu-calibrated" and calibration.runtime_device("cpu") is spec  # memoized
+    finally:
+        calibration.runtime_device.cache_clear()
+
+
+def test_runtime_device_presets(monkeypatch):
+    monkeypatch.setenv("SLCOMPILE_CALIBRATE", "0")
+    calibration.runtime_device.cache_clear()
+    try:
+        assert calibration.runtime_device("cpu") is cost_model.DEVICES["cpu"]
+        assert calibration.runtime_device("cpu").margin == cost_model.DEFAULT_MARGIN
+        assert calibration.runtime_device("cuda") is cost_model.device_for("cuda")
+        with pytest.raises(ValueError, match="unknown device"):
+            calibration.runtime_device("tpu")
+    finally:
+        calibration.runtime_device.cache_clear()
