@@ -48,9 +48,10 @@ Devices (:data:`DEVICES`; every number is an assumption, stated with its source)
   fitted by ``benchmarks/paths_bench.py`` to eager times of both paths (60m/130m shapes, 1-4096
   tokens): GEMM 56 GFLOP/s, forming ``W`` 63, MKL CSR SpMM/SDDMM 4.5 (blocks of 256 tokens),
   2.7 GB/s copies, 70 us per kernel (dispatch of the several torch calls behind each). Other
-  runs on the shared machine fitted 56-77 / 61-77 / 4.5-5.8 GFLOP/s and 70-150 us. A stand-in
-  for "a CPU": rerun the fit on yours. Known error: for square shapes at >= 1024 tokens it puts
-  factored 10-20% too cheap (measured crossover ~1024 tokens at 512 x 512, none predicted).
+  runs on the shared machine fitted 56-88 / 61-83 / 4.5-9.3 GFLOP/s and 47-150 us: the preset is
+  a stand-in for "a CPU". What ``SLLinear(path="auto")`` uses on CPU instead is
+  :func:`slcompile.calibration.calibrate`'s ``"cpu-calibrated"`` spec, measured on the machine
+  it runs on (see :func:`choose_path_for_call`).
 
 :func:`choose_path` picks the cheaper path (``margin < 1``: factored only if that much cheaper);
 :func:`crossover_tokens` is the smallest token count from which materialize is chosen

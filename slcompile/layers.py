@@ -28,7 +28,8 @@ class SLLinear(nn.Module):
     (``slcompile::sl_linear_factored``: ``x A^T B^T + x S^T``, no ``(out, in)`` tensor) or
     ``"auto"``: per call in eager mode, the one :func:`slcompile.cost_model.choose_path_for_call`
     estimates cheaper for this token count, device type, dtype and mode (training if a gradient
-    will flow, else forward); few tokens (decoding, small batches on CPU) go factored. Under
+    will flow, else forward), with rates measured on this CPU (:mod:`slcompile.calibration`) or
+    a device preset; few tokens (decoding, small batches) go factored. Under
     ``torch.compile`` and FX tracing ``"auto"`` traces the materialize op (the backend's
     ``choose_path`` pass decides there, on static shapes).
     """

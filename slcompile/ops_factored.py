@@ -210,13 +210,14 @@ def factored_backward(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: T
     in_features, out_features = A.shape[1], B.shape[0]
     x2d, g2d = x.reshape(-1, in_features), grad_y.reshape(-1, out_features)
     index = sparse_index(support, out_features, in_features)
+    # Order for the lowest peak: the SpMM's block buffers, dY B and x A^T are never alive together.
+    grad_x = sparse.dy_s(index, values, g2d) if need_dx else x.new_empty(0)
     grad_low = torch.mm(g2d, B)  # (N, r): dY @ B, shared by dx and dA
     if need_dx:
-        grad_x = sparse.dy_s(index, values, g2d).addmm_(grad_low, A, alpha=scale).view(x.shape)
-    else:
-        grad_x = x.new_empty(0)
-    grad_b = torch.mm(g2d.t(), torch.mm(x2d, A.t())).mul_(scale)
+        grad_x = grad_x.addmm_(grad_low, A, alpha=scale).view(x.shape)
     grad_a = torch.mm(grad_low.t(), x2d).mul_(scale)
+    del grad_low
+    grad_b = torch.mm(g2d.t(), torch.mm(x2d, A.t())).mul_(scale)
     grad_values = sparse.sampled(index, support, g2d, x2d, values.dtype)
     return grad_x, grad_a, grad_b, grad_values
 

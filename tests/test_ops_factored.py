@@ -127,4 +127,4 @@ def test_transients_do_not_grow_with_tokens(replayed_peak):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         grads = sl_linear_factored_backward(grad_y, x, A, B, values, support, 0.5, True)
     ends = sum(g.nbytes for g in grads)
-    assert ends <= replayed_peak(prof) <= ends + 2 * low_rank + per_block
+    assert ends <= replayed_peak(prof) <= ends + low_rank + per_block  # x A^T freed before dY B
