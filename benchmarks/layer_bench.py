@@ -15,6 +15,8 @@ Variants (same parameters in every SLTrain variant, ``B`` random so every term i
   ``layer_cpu.py``: ``W = scale * B @ A``, ``index_add`` of the values, ``F.linear``; eager);
 - ``sllinear``: ``slcompile.SLLinear`` (our custom ops, eager);
 - ``backend``: ``torch.compile(sllinear, backend="slcompile")`` (default options);
+- ``backend_path``: the same with ``options={"choose_path": True}`` (the cost model picks the
+  path per call site, as eager ``path="auto"`` does per call);
 - ``backend_fused``: the same with ``options={"fuse_shared_input": True}``;
 - ``pattern``: ``torch.compile(autograd, backend="slcompile")``: the pattern pass turns the
   hand-written product into ``sl_linear`` (its pass counts are recorded).
@@ -53,9 +55,9 @@ import slcompile.backend  # noqa: E402
 from slcompile import SLLinear  # noqa: E402
 from slcompile.models.config import LlamaConfig, get_config  # noqa: E402
 
-VARIANTS = ("dense", "autograd", "sllinear", "backend", "backend_fused", "pattern")
-COMPILED = {"backend": ("sllinear", {}), "backend_fused": ("sllinear", {"fuse_shared_input": True}),
-            "pattern": ("autograd", {})}
+VARIANTS = ("dense", "autograd", "sllinear", "backend", "backend_path", "backend_fused", "pattern")
+COMPILED = {"backend": ("sllinear", {}), "backend_path": ("sllinear", {"choose_path": True}),
+            "backend_fused": ("sllinear", {"fuse_shared_input": True}), "pattern": ("autograd", {})}
 MIB = 2**20
 
 

@@ -35,7 +35,7 @@ What is measured (all in one process, one run, so the ratios are side by side):
 Values of ``B`` are random (the paper starts it at zero) so every term is live; the SLTrain
 variants are checked to agree before timing. Writes JSON (``--out``) and prints a table.
 
-    .venv/bin/python benchmarks/layer_cpu.py --tokens 256,1024,2048 --repeats 5 --shapes 60m,130m
+    .venv/bin/python benchmarks/layer_cpu.py --tokens 256,1024,2048 --repeats 5 --shapes mini,60m,130m
 """
 from __future__ import annotations
 
@@ -336,7 +336,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokens", default="256,1024,2048", help="comma-separated token counts N (input (N, in))")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed round-robin rounds first")
-    parser.add_argument("--shapes", default="60m,130m", help="comma-separated configs: 60m,130m (llama-* names)")
+    parser.add_argument("--shapes", default="mini,60m,130m",
+                        help="comma-separated configs (llama-* names; mini is the demo model)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice, one per core)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "layer_cpu.json"))

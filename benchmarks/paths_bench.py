@@ -17,7 +17,7 @@ what choosing costs, as the ``cpu`` preset at margin 1, as the preset at its mar
 does now (calibrated, margin 1; ``auto picks``): the chosen path's time over materialize's
 (> 1 means the choice made things slower) and over the faster path's.
 
-    .venv/bin/python benchmarks/paths_bench.py                         # 60m,130m; 1..4096 tokens; 1 thread
+    .venv/bin/python benchmarks/paths_bench.py                         # mini,60m,130m; 1..4096 tokens; 1 thread
     .venv/bin/python benchmarks/paths_bench.py --shapes 60m --tokens 1,16,256 --repeats 3
     .venv/bin/python benchmarks/paths_bench.py --probe                 # + gather/index_add vs CSR SpMM
 
@@ -66,23 +66,26 @@ def copy_bandwidth(repeats: int) -> float:
 
 
 def _features(path: str, mode: str, in_f: int, out_f: int, rank: int, nnz: int, tokens: int) -> list[float]:
-    """FLOPs per rate unit (GEMM, forming W, SpMM + SDDMM) and the kernel count of one path call (fp32)."""
+    """FLOPs per rate unit (GEMM, forming W, SpMM + SDDMM), the sparse products' dense elements
+    (``Kernel.elems``) and the kernel count of one path call (fp32)."""
     values = {cost_model.N: tokens, cost_model.IN: in_f, cost_model.OUT: out_f, cost_model.R: rank,
               cost_model.NNZ: nnz}
-    sums = {"dense": 0.0, "form": 0.0, "sparse": 0.0}
+    sums = {"dense": 0.0, "form": 0.0, "sparse": 0.0, "elems": 0.0}
     kernels = cost_model.kernels(path, mode)
     for kernel in kernels:
         unit = "sparse" if kernel.unit in ("spmm", "sddmm") else kernel.unit
         if unit in sums:
             sums[unit] += float(kernel.flops.subs(values))
-    return [sums["dense"], sums["form"], sums["sparse"], float(len(kernels))]
+        sums["elems"] += float(kernel.elems.subs(values))
+    return [sums["dense"], sums["form"], sums["sparse"], sums["elems"], float(len(kernels))]
 
 
 def fit_device(results: list[dict], bandwidth: float) -> cost_model.DeviceSpec:
     """Rates that best explain the measured path times (least squares on relative error, all >= 0).
 
-    Model per call: ``dense / D + form / F + sparse / S + kernels * launch``; the memory terms are
-    left out (small at these shapes) and the copy bandwidth is measured apart."""
+    Model per call: ``dense / D + form / F + sparse / S + elems * e + kernels * launch`` (one
+    rate ``S`` and element cost ``e`` for SpMM and SDDMM); the memory terms are left out (small
+    at these shapes) and the copy bandwidth is measured apart."""
     rows, times = [], []
     for res in results:
         for mode, by_path in res["time_ms"].items():
@@ -92,7 +95,7 @@ def fit_device(results: list[dict], bandwidth: float) -> cost_model.DeviceSpec:
                     times.append(ms / 1e3)
     a = np.asarray(rows) / np.asarray(times)[:, None]  # relative residuals: every row has weight 1
     active = list(range(a.shape[1]))
-    while True:  # active-set non-negative least squares (4 unknowns)
+    while True:  # active-set non-negative least squares (5 unknowns)
         coef = np.zeros(a.shape[1])
         coef[active] = np.linalg.lstsq(a[:, active], np.ones(len(times)), rcond=None)[0]
         if (coef >= 0).all():
@@ -101,7 +104,7 @@ def fit_device(results: list[dict], bandwidth: float) -> cost_model.DeviceSpec:
     inverse = lambda c: 1.0 / c if c > 0 else math.inf  # noqa: E731
     return cost_model.DeviceSpec("cpu-fitted", dense_flops=inverse(coef[0]), form_flops=inverse(coef[1]),
                                  spmm_flops=inverse(coef[2]), sddmm_flops=inverse(coef[2]), bandwidth=bandwidth,
-                                 launch_s=float(coef[3]))
+                                 launch_s=float(coef[4]), spmm_elem_s=float(coef[3]), sddmm_elem_s=float(coef[3]))
 
 
 def layer_operands(in_f: int, out_f: int, rank: int, density: float, tokens: int, dtype: torch.dtype) -> dict:
@@ -237,8 +240,8 @@ def paper_predictions(tokens_list=(1, 16, 256, 2048, 8192, 16384)) -> dict:
 
 def print_tables(results: list[dict], spec: cost_model.DeviceSpec, paper: dict) -> None:
     print(f"fitted to these measurements: GEMM {spec.dense_flops / 1e9:.0f} GFLOP/s, form W "
-          f"{spec.form_flops / 1e9:.0f}, SpMM/SDDMM {spec.spmm_flops / 1e9:.1f}, {spec.launch_s * 1e6:.0f} us/kernel; "
-          f"copy {spec.bandwidth / 1e9:.1f} GB/s")
+          f"{spec.form_flops / 1e9:.0f}, SpMM/SDDMM {spec.spmm_flops / 1e9:.1f} + {spec.spmm_elem_s * 1e9:.2f} ns per "
+          f"dense element, {spec.launch_s * 1e6:.0f} us/kernel; copy {spec.bandwidth / 1e9:.1f} GB/s")
     for res in results:
         print(f"\n{res['config']} {res['in']}x{res['out']} r={res['rank']} nnz={res['nnz']} "
               f"(paths agree to {res['max_rel_diff']:.1e})")
@@ -274,7 +277,7 @@ CHOOSERS = {"cpu": "cpu preset, margin 1", "preset": f"cpu preset, margin {cost_
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="60m,130m")
+    parser.add_argument("--shapes", default="mini,60m,130m")
     parser.add_argument("--tokens", default="1,4,16,64,256,1024,2048,4096")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
@@ -317,8 +320,9 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"calibrated at the start (micro-benchmarks): GEMM {calibrated.dense_flops / 1e9:.0f} GFLOP/s, form W "
-          f"{calibrated.form_flops / 1e9:.0f}, SpMM {calibrated.spmm_flops / 1e9:.1f}, SDDMM "
-          f"{calibrated.sddmm_flops / 1e9:.1f}, {calibrated.launch_s * 1e6:.0f} us/kernel")
+          f"{calibrated.form_flops / 1e9:.0f}, SpMM {calibrated.spmm_flops / 1e9:.1f} + "
+          f"{calibrated.spmm_elem_s * 1e9:.2f} ns/element, SDDMM {calibrated.sddmm_flops / 1e9:.1f} + "
+          f"{calibrated.sddmm_elem_s * 1e9:.2f} ns/element, {calibrated.launch_s * 1e6:.0f} us/kernel")
     print_tables(results, spec, paper)
     if report["probe_spmm"]:
         print("\nS @ x^T (2048x2048, density 0.03):", json.dumps(report["probe_spmm"]["by_tokens"]))

@@ -5,18 +5,24 @@ differ most in what the path choice turns on, the sparse products against the GE
 this project's shared 2-core runners gave GEMM 56-88 GFLOP/s and MKL SpMM 4.5-13 GFLOP/s, so the
 preset put the factored/materialize crossover of a 512 x 512 layer at 1024 tokens on one runner
 while on another factored was faster up to 4096 (``benchmarks/paths_bench.py``).
-:func:`calibrate` measures each rate the model uses with the implementation that runs it, at one
-mid-size shape (``in = out = 512``, ``r = 128``, density 0.03, 512 tokens), in about 0.1-0.3 s:
+:func:`calibrate` measures each rate the model uses with the implementation that runs it, at
+``in = out = 512``, ``r = 128``, density 0.03, 512 tokens (the sparse products also at
+``128 x 128``), in about 0.1-0.3 s:
 
 - ``dense_flops``: ``torch.mm`` ``(N, in) @ (in, out)``;
 - ``form_flops``: ``slcompile::materialize`` (``B @ A``, scale, ``index_add`` of the values);
-- ``spmm_flops`` / ``sddmm_flops``: :data:`slcompile.ops_factored.TORCH_SPARSE`'s ``S x`` and
-  sampled ``dY^T x`` (MKL CSR, token blocks), transposes and casts included;
+- ``spmm_flops`` and ``spmm_elem_s``, ``sddmm_flops`` and ``sddmm_elem_s``:
+  :data:`slcompile.ops_factored.TORCH_SPARSE`'s ``S x`` and sampled ``dY^T x`` (MKL CSR, token
+  blocks, transposes and casts included) at both shapes: two times, two unknowns per product
+  (FLOPs at a rate plus a cost per dense element touched, the model's form; 15 and 3.8 nonzeros
+  per row tell them apart). A negative element cost is clamped to 0 and the rate taken from the
+  large shape alone;
 - ``launch_s``: one forward + backward of ``sl_linear_factored`` at a tiny shape, divided by the
-  number of kernels the model counts for it (custom-op dispatch, autograd, index cache lookup);
+  number of kernels the model counts for it (custom-op dispatch, autograd, index cache lookup),
+  timed in a loop of its own;
 - ``bandwidth``: a 32 MiB ``copy_`` (bytes read + written).
 
-Each is the median of a few timed calls, all timed round-robin after two warm-up rounds, with
+Each is the median of a few timed calls, timed round-robin after two warm-up rounds, with
 the process's torch thread count; a kernel's rate is its FLOPs over its time less ``launch_s``. :func:`runtime_device` is the
 spec ``SLLinear(path="auto")`` and :class:`~slcompile.passes.ChoosePathPass` use for tensors of a
 device type: on CPU, :func:`calibrate`'s, measured once per process on first use; elsewhere the
@@ -39,7 +45,8 @@ from slcompile import cost_model
 
 __all__ = ["calibrate", "runtime_device"]
 
-_SHAPE = dict(tokens=512, in_features=512, out_features=512, rank=128, density=0.03)
+_TOKENS, _WIDTH, _RANK, _DENSITY = 512, 512, 128, 0.03
+_SMALL_WIDTH = 128  # the second shape of the sparse products: ~4 nonzeros per row
 _MIN_SECONDS = 1e-7  # floor of a kernel's time less launch (a rate stays finite)
 
 
@@ -71,43 +78,67 @@ def _tiny_factored_step(gen: torch.Generator) -> Callable[[], None]:
     return step
 
 
+def _sparse_cost(seconds: tuple[float, float], flops: tuple[float, float], elems: tuple[float, float]
+                 ) -> tuple[float, float]:
+    """``(FLOP/s, seconds per element)`` solving ``t = flops / rate + elems * elem_s`` at two shapes
+    (the first the large one); ``elem_s`` clamped to >= 0, the rate kept finite."""
+    (t1, t2), (f1, f2), (e1, e2) = seconds, flops, elems
+    det = f1 * e2 - f2 * e1
+    inv_rate, elem_s = (t1 * e2 - t2 * e1) / det, (f1 * t2 - f2 * t1) / det
+    if elem_s < 0 or inv_rate <= 0:
+        inv_rate, elem_s = max(t1, _MIN_SECONDS) / f1, 0.0
+    return 1.0 / inv_rate, elem_s
+
+
 def calibrate(repeats: int = 5) -> cost_model.DeviceSpec:
     """A :class:`~slcompile.cost_model.DeviceSpec` named ``"cpu-calibrated"`` measured on this
     CPU (see the module doc), in fp32, with ``margin`` 1: its rates are this machine's, so the
     cheaper estimate is taken as it is (on the runner it was measured on, margin 1 picked the faster
-    path at every shape and token count of ``benchmarks/paths_bench.py``, 0.8 lost up to 14%). Draws from its own generator: the global RNG is untouched.
-    Needs grad mode (it times one backward)."""
+    path at every shape and token count of ``benchmarks/paths_bench.py``, 0.8 lost up to 14%).
+    Draws from its own generator: the global RNG is untouched. Needs grad mode (it times one
+    backward)."""
     from slcompile import ops
     from slcompile.ops_factored import TORCH_SPARSE, sparse_index
     from slcompile.support import generate_support, nnz_for
 
     if repeats < 1:
         raise ValueError(f"calibrate needs repeats >= 1, got {repeats!r}")
-    n, d_in, d_out, rank = _SHAPE["tokens"], _SHAPE["in_features"], _SHAPE["out_features"], _SHAPE["rank"]
-    nnz = nnz_for(d_in, d_out, _SHAPE["density"])
     gen = torch.Generator().manual_seed(0)
-    x, grad_y, weight = (torch.randn(*s, generator=gen) for s in ((n, d_in), (n, d_out), (d_out, d_in)))
-    A, B, values = (torch.randn(*s, generator=gen) for s in ((rank, d_in), (d_out, rank), (nnz,)))
-    support = generate_support(d_out, d_in, nnz, 0)
-    index = sparse_index(support, d_out, d_in)
+    n, d, rank = _TOKENS, _WIDTH, _RANK
+    x, grad_y, weight, A, B = (torch.randn(*s, generator=gen) for s in ((n, d), (n, d), (d, d), (rank, d), (d, rank)))
+    sparse = {}  # width -> (index, support, values, x, grad_y)
+    for width in (_WIDTH, _SMALL_WIDTH):
+        nnz = nnz_for(width, width, _DENSITY)
+        support = generate_support(width, width, nnz, 0)
+        sparse[width] = (sparse_index(support, width, width), support, torch.randn(nnz, generator=gen),
+                         x[:, :width].contiguous(), grad_y[:, :width].contiguous())
     src = torch.randn(2**23, generator=gen)  # 32 MiB: with dst, beyond a 32 MiB L3
     dst = torch.empty_like(src)
-    seconds = _median_seconds({
-        "launch": _tiny_factored_step(gen),
-        "dense": lambda: torch.mm(x, weight.t()),
-        "form": lambda: ops.materialize(A, B, values, support, 0.5),
-        "spmm": lambda: TORCH_SPARSE.s_x(index, values, x),
-        "sddmm": lambda: TORCH_SPARSE.sampled(index, support, grad_y, x, values.dtype),
-        "copy": lambda: dst.copy_(src),
-    }, repeats)
-    launch = seconds["launch"] / len(cost_model.kernels("factored", "train"))
+    _, support, values, _, _ = sparse[_WIDTH]
+    # The fixed cost is timed on its own: round-robin after the 32 MiB copy it would pay for a
+    # cold cache every call (3-4x what it costs between a model's layers).
+    launch = _median_seconds({"launch": _tiny_factored_step(gen)}, 4 * repeats)["launch"]
+    launch /= len(cost_model.kernels("factored", "train"))
+    fns = {"dense": lambda: torch.mm(x, weight.t()),
+           "form": lambda: ops.materialize(A, B, values, support, 0.5), "copy": lambda: dst.copy_(src)}
+    for width, (index, sup, vals, xs, gs) in sparse.items():
+        fns[f"spmm{width}"] = functools.partial(TORCH_SPARSE.s_x, index, vals, xs)
+        fns[f"sddmm{width}"] = functools.partial(TORCH_SPARSE.sampled, index, sup, gs, xs, vals.dtype)
+    seconds = _median_seconds(fns, repeats)
 
     def rate(flops: float, unit: str) -> float:
         return flops / max(seconds[unit] - launch, _MIN_SECONDS)
 
-    return replace(cost_model.DEVICES["cpu"], name="cpu-calibrated", margin=1.0, dense_flops=rate(2 * n * d_in * d_out, "dense"),
-                   form_flops=rate(2 * d_out * rank * d_in + nnz, "form"), spmm_flops=rate(2 * n * nnz, "spmm"),
-                   sddmm_flops=rate(2 * n * nnz, "sddmm"), bandwidth=2 * src.nbytes / seconds["copy"], launch_s=launch)
+    def sparse_cost(unit: str) -> tuple[float, float]:
+        widths = (_WIDTH, _SMALL_WIDTH)
+        return _sparse_cost(tuple(max(seconds[f"{unit}{w}"] - launch, _MIN_SECONDS) for w in widths),
+                            tuple(2.0 * n * sparse[w][2].numel() for w in widths), tuple(2.0 * n * w for w in widths))
+
+    (spmm_flops, spmm_elem_s), (sddmm_flops, sddmm_elem_s) = sparse_cost("spmm"), sparse_cost("sddmm")
+    return replace(cost_model.DEVICES["cpu"], name="cpu-calibrated", margin=1.0,
+                   dense_flops=rate(2 * n * d * d, "dense"), form_flops=rate(2 * d * rank * d + values.numel(), "form"),
+                   spmm_flops=spmm_flops, spmm_elem_s=spmm_elem_s, sddmm_flops=sddmm_flops, sddmm_elem_s=sddmm_elem_s,
+                   bandwidth=2 * src.nbytes / seconds["copy"], launch_s=launch)
 
 
 @functools.cache

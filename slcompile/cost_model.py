@@ -21,11 +21,15 @@ multiple of dense ``6 N in out``::
                  r (in + out) / (in out) + density if it were saved: DESIGN.md's floor)
 
 Time (:func:`path_time`): a roofline per kernel, ``max(flops / rate, bytes / bandwidth) +
-launch``, summed over the path's kernels, where ``rate`` is the device's rate for the kernel's
-``unit`` (GEMM, forming ``W``, SpMM, SDDMM). Kernels are assumed not to overlap and caches not
-to help (bytes are compulsory traffic: each operand read once, each result written once; a
-random gather counts its element, not its cache line); copies an implementation adds (the CPU
-path's transposes and block concatenation) are not counted.
+elems * elem_s + launch``, summed over the path's kernels, where ``rate`` is the device's rate
+for the kernel's ``unit`` (GEMM, forming ``W``, SpMM, SDDMM). Kernels are assumed not to overlap
+and caches not to help (bytes are compulsory traffic: each operand read once, each result
+written once; a random gather counts its element, not its cache line). ``elems`` (sparse
+products only) counts the dense elements a sparse product reads and writes, ``N (rows + cols)``,
+and ``elem_s`` is a device's cost per such element beyond the FLOPs: row loops, the CPU path's
+token-block copies and transposes. It is what makes a sparse product with few nonzeros per row
+slow (on CPU, MKL's SpMM ran at 4.6 GFLOP/s at ``128 x 128``, 3.8 nonzeros per row, against 12
+at ``512 x 512``); it is measured on CPU (:mod:`slcompile.calibration`) and 0 in the presets.
 
 Devices (:data:`DEVICES`; every number is an assumption, stated with its source):
 
@@ -112,6 +116,7 @@ class Kernel:
     flops: sympy.Expr
     bytes: sympy.Expr
     unit: str
+    elems: sympy.Expr = sympy.Integer(0)
 
 
 def _gemm(name: str, m, k, n) -> Kernel:
@@ -126,7 +131,7 @@ def _form_w(name: str) -> Kernel:
 
 def _spmm(name: str, rows, cols) -> Kernel:
     """``S (rows, cols) @ X (cols, N)`` over the support: values and indices, ``X`` and the output."""
-    return Kernel(name, 2 * N * NNZ, NNZ * (B + IB) + B * N * (cols + rows), "spmm")
+    return Kernel(name, 2 * N * NNZ, NNZ * (B + IB) + B * N * (cols + rows), "spmm", N * (cols + rows))
 
 
 @functools.cache
@@ -157,7 +162,8 @@ def kernels(path: Path, mode: Mode = "train", recompute_xa: bool = True,
                *([_gemm("xa = x A^T again", N, IN, R)] if recompute_xa else []),
                _gemm("dB = dY^T xa", OUT, N, R), _gemm("dA = gb^T x", R, N, IN),
                Kernel("dvalues = (dY^T x)[support]", 2 * N * (IN * OUT if gather_in_gemm else NNZ),
-                      NNZ * (B + IB) + B * N * (IN + OUT), "dense" if gather_in_gemm else "sddmm")]
+                      NNZ * (B + IB) + B * N * (IN + OUT), "dense" if gather_in_gemm else "sddmm",
+                      sympy.Integer(0) if gather_in_gemm else N * (IN + OUT))]
     else:
         raise ValueError(f"unknown path {path!r}: expected one of {(*PATHS, 'dense')}")
     if mode not in ("train", "forward"):
@@ -207,7 +213,9 @@ class DeviceSpec:
     ``margin``: how much cheaper factored must look on this spec before the default choice
     (:func:`choose_path_for_call`, :class:`~slcompile.passes.ChoosePathPass`) takes it:
     :data:`DEFAULT_MARGIN` for the presets (assumed rates, or another machine's fit), 1 for rates
-    measured where they are used (:func:`slcompile.calibration.calibrate`)."""
+    measured where they are used (:func:`slcompile.calibration.calibrate`);
+    ``spmm_elem_s`` / ``sddmm_elem_s``: seconds per dense element a sparse product reads or
+    writes, beyond its FLOPs (see the module doc; 0 where not measured)."""
 
     name: str
     dense_flops: float
@@ -218,6 +226,11 @@ class DeviceSpec:
     launch_s: float
     gather_in_gemm: bool = False
     margin: float = DEFAULT_MARGIN
+    spmm_elem_s: float = 0.0
+    sddmm_elem_s: float = 0.0
+
+    def elem_s(self, unit: str) -> float:
+        return {"spmm": self.spmm_elem_s, "sddmm": self.sddmm_elem_s}.get(unit, 0.0)
 
     def rate(self, unit: str) -> float:
         return {"dense": self.dense_flops, "form": self.form_flops, "spmm": self.spmm_flops, "sddmm": self.sddmm_flops,
@@ -254,11 +267,11 @@ def device_for(device: str | DeviceSpec) -> DeviceSpec:
 
 @functools.cache
 def _numeric(path: Path, mode: Mode, recompute_xa: bool, gather_in_gemm: bool
-             ) -> tuple[tuple[str, ...], tuple[str, ...], Callable, Callable]:
-    """``(names, units, flops_fn, bytes_fn)``: per-kernel lists as fast functions of the symbols."""
+             ) -> tuple[tuple[str, ...], tuple[str, ...], Callable, Callable, Callable]:
+    """``(names, units, flops_fn, bytes_fn, elems_fn)``: per-kernel lists as fast functions of the symbols."""
     ks = kernels(path, mode, recompute_xa, gather_in_gemm)
     return (tuple(k.name for k in ks), tuple(k.unit for k in ks),
-            sympy.lambdify(_SYMBOLS, [k.flops for k in ks], "math"), sympy.lambdify(_SYMBOLS, [k.bytes for k in ks], "math"))
+            *(sympy.lambdify(_SYMBOLS, [getattr(k, field) for k in ks], "math") for field in ("flops", "bytes", "elems")))
 
 
 def kernel_times(path: Path, tokens: int, in_features: int, out_features: int, rank: int, nnz: int,
@@ -266,10 +279,10 @@ def kernel_times(path: Path, tokens: int, in_features: int, out_features: int, r
                  index_bytes: int = 4, recompute_xa: bool = True) -> dict[str, float]:
     """Seconds of each kernel of ``path`` (roofline plus launch), by kernel name."""
     spec = device_for(device)
-    names, units, flops_fn, bytes_fn = _numeric(path, mode, recompute_xa, spec.gather_in_gemm)
+    names, units, flops_fn, bytes_fn, elems_fn = _numeric(path, mode, recompute_xa, spec.gather_in_gemm)
     values = (tokens, in_features, out_features, rank, nnz, dtype_bytes, index_bytes)
-    return {name: max(f / spec.rate(unit), b / spec.bandwidth) + spec.launch_s
-            for name, unit, f, b in zip(names, units, flops_fn(*values), bytes_fn(*values))}
+    return {name: max(f / spec.rate(unit), b / spec.bandwidth) + e * spec.elem_s(unit) + spec.launch_s
+            for name, unit, f, b, e in zip(names, units, flops_fn(*values), bytes_fn(*values), elems_fn(*values))}
 
 
 def path_time(path: Path, tokens: int, in_features: int, out_features: int, rank: int, nnz: int,

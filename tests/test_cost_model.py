@@ -100,3 +100,20 @@ def test_layer_costs_and_errors():
         cm.kernels("sparse")
     with pytest.raises(ValueError, match="mode"):
         cm.kernels("factored", "backward")
+
+
+def test_sparse_element_cost_charges_only_the_sparse_products():
+    from dataclasses import replace
+
+    base = cm.DEVICES["cpu"]
+    costly = replace(base, spmm_elem_s=1e-9, sddmm_elem_s=2e-9)
+    n, i, o = 10, 6, 4
+    plain = cm.kernel_times("factored", n, i, o, 2, 5, base, "train", 4)
+    extra = cm.kernel_times("factored", n, i, o, 2, 5, costly, "train", 4)
+    added = {name: extra[name] - plain[name] for name in plain}
+    assert added["y += S x"] == pytest.approx(1e-9 * n * (i + o))
+    assert added["dx += dY S"] == pytest.approx(1e-9 * n * (i + o))
+    assert added["dvalues = (dY^T x)[support]"] == pytest.approx(2e-9 * n * (i + o))
+    assert all(added[name] == 0 for name in plain if "S" not in name and "support" not in name)
+    assert cm.kernel_times("materialize", n, i, o, 2, 5, costly, "train", 4) == \
+        cm.kernel_times("materialize", n, i, o, 2, 5, base, "train", 4)
