@@ -14,10 +14,11 @@ Variants (same parameters in every SLTrain variant, ``B`` random so every term i
 - ``autograd``: SLTrain with plain differentiable torch ops (``AutogradSLLinear`` of
   ``layer_cpu.py``: ``W = scale * B @ A``, ``index_add`` of the values, ``F.linear``; eager);
 - ``sllinear``: ``slcompile.SLLinear`` (our custom ops, eager);
-- ``backend``: ``torch.compile(sllinear, backend="slcompile")`` (default options);
-- ``backend_path``: the same with ``options={"choose_path": True}`` (the cost model picks the
-  path per call site, as eager ``path="auto"`` does per call);
-- ``backend_fused``: the same with ``options={"fuse_shared_input": True}``;
+- ``backend``: ``torch.compile(sllinear, backend="slcompile")`` (default options: the cost
+  model picks the path per call site, as eager ``path="auto"`` does per call);
+- ``backend_mat``: the same with ``options={"choose_path": False}`` (every call materialized);
+- ``backend_fused``: ``options={"fuse_shared_input": True, "choose_path": False}`` (q/k/v and
+  gate/up share one materialized GEMM);
 - ``pattern``: ``torch.compile(autograd, backend="slcompile")``: the pattern pass turns the
   hand-written product into ``sl_linear`` (its pass counts are recorded).
 
@@ -31,7 +32,7 @@ Ratios are to ``dense``; ``floor`` is DESIGN.md's FLOP floor of the materialize 
 GPU (default there): 350M/1B/7B shapes at 2k/8k/16k tokens, bf16. CPU: small shapes, fp32, and
 ratios only mean "on this CPU" (2 shared cores here)::
 
-    .venv/bin/python benchmarks/layer_bench.py                       # CPU: 60m,130m at 256,1024 tokens
+    .venv/bin/python benchmarks/layer_bench.py                       # CPU: mini,60m,130m at 256,1024 tokens
     python benchmarks/layer_bench.py --device cuda                  # GPU: 350m,1b,7b at 2k,8k,16k
 """
 from __future__ import annotations
@@ -55,9 +56,10 @@ import slcompile.backend  # noqa: E402
 from slcompile import SLLinear  # noqa: E402
 from slcompile.models.config import LlamaConfig, get_config  # noqa: E402
 
-VARIANTS = ("dense", "autograd", "sllinear", "backend", "backend_path", "backend_fused", "pattern")
-COMPILED = {"backend": ("sllinear", {}), "backend_path": ("sllinear", {"choose_path": True}),
-            "backend_fused": ("sllinear", {"fuse_shared_input": True}), "pattern": ("autograd", {})}
+VARIANTS = ("dense", "autograd", "sllinear", "backend", "backend_mat", "backend_fused", "pattern")
+COMPILED = {"backend": ("sllinear", {}), "backend_mat": ("sllinear", {"choose_path": False}),
+            "backend_fused": ("sllinear", {"fuse_shared_input": True, "choose_path": False}),
+            "pattern": ("autograd", {})}
 MIB = 2**20
 
 
@@ -204,7 +206,7 @@ def print_table(results: list[dict], variants: list[str]) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", default=None, help="comma-separated configs (default cpu: 60m,130m; cuda: "
+    parser.add_argument("--shapes", default=None, help="comma-separated configs (default cpu: mini,60m,130m; cuda: "
                                                        "350m,1b,7b)")
     parser.add_argument("--tokens", default=None, help="comma-separated token counts (default cpu: 256,1024; "
                                                        "cuda: 2048,8192,16384)")
@@ -218,7 +220,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     args.shapes = [s if s.startswith("llama-") else f"llama-{s}"
-                   for s in (args.shapes or ("350m,1b,7b" if gpu else "60m,130m")).split(",") if s]
+                   for s in (args.shapes or ("350m,1b,7b" if gpu else "mini,60m,130m")).split(",") if s]
     args.tokens = [int(t) for t in (args.tokens or ("2048,8192,16384" if gpu else "256,1024")).split(",") if t]
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     args.variants = [v for v in args.variants.split(",") if v]

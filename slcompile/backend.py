@@ -17,14 +17,15 @@ arguments. Our options (:data:`DEFAULT_OPTIONS`):
   while the concatenated ``W`` raised the fwd+bwd peak by 8-20% of dense; on a GPU it saves
   kernel launches at small token counts (not measured yet).
 - ``fuse_min_group`` (int >= 2, default 2): smallest group the fusion pass fuses.
-- ``choose_path`` (bool, default False): :class:`~slcompile.passes.choose_path.ChoosePathPass`
+- ``choose_path`` (bool, default True): :class:`~slcompile.passes.choose_path.ChoosePathPass`
   on the Dynamo graph, after the pattern pass: each ``sl_linear`` with static shapes becomes
   ``slcompile::sl_linear_factored`` (never forms ``W``) where :mod:`slcompile.cost_model`
-  estimates it at least 20% faster (few tokens, e.g. decoding). Off by default: on CPU
-  (``benchmarks/paths_bench.py``, 60m/130m shapes) the factored path was 4-50x faster at 1-16
-  tokens and 1.5-3x at 256, but near the crossover (square shapes, >= 1024 tokens, where the
-  two paths are within noise of each other) the model's choice measured up to 1.2x slower than
-  materialize in some runs; and on a GPU, where it runs cuSPARSE, it has not been measured.
+  estimates it faster, with the spec eager ``SLLinear(path="auto")`` uses (on CPU rates
+  measured on the machine, :mod:`slcompile.calibration`; on CUDA the ``h200-triton`` preset,
+  whose margin 0.8 leaves factored to very few tokens, e.g. decoding). On CPU
+  (``benchmarks/layer_bench.py``, one decoder layer's linears, fwd+bwd) it took the compiled
+  60M layer from 1.68x/1.10x ``nn.Linear`` to 0.72x/0.69x at 256/2048 tokens. Off: every
+  ``sl_linear`` stays materialized (what ``fuse_shared_input`` needs to find groups).
 
 Every other key is an Inductor config option (``torch._inductor.list_options()``), applied with
 ``compile_fx(config_patches=...)`` for this compilation only (also for the backward graph,
@@ -57,7 +58,7 @@ __all__ = ["DEFAULT_OPTIONS", "BackendReport", "last_report", "make_backend", "p
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIONS: dict[str, Any] = {"pattern_sltrain": True, "fuse_shared_input": False, "fuse_min_group": 2,
-                                   "choose_path": False}
+                                   "choose_path": True}
 
 
 @dataclass
