@@ -7,9 +7,12 @@ import torch
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from slcompile import cost_model, ops, ops_factored
+from slcompile import cost_model, eager, ops, ops_factored
 from slcompile.config import SLConfig
 from slcompile.support import generate_support, nnz_for
+
+
+_PLAIN = (Tensor, nn.Parameter)  # tensor types the eager CPU fast path takes (no subclass dispatch)
 
 
 class SLLinear(nn.Module):
@@ -109,20 +112,25 @@ class SLLinear(nn.Module):
             raise TypeError(f"SLLinear input dtype {x.dtype} differs from its parameters' {self.A.dtype}; "
                             "cast the input or the module, or use torch.autocast")
         A, B, values, bias = params
-        return self._op(x)(x, A, B, values, self.support, self.scale, bias)
+        return self._op(x, A, B, values)(x, A, B, values, self.support, self.scale, bias)
 
-    def _op(self, x: Tensor | None):
-        """The custom op of this call: ``self.path``, or for ``"auto"`` the cost model's pick for
-        the eager input ``x`` (materialize when tracing: ``x`` is ``None`` or compiling)."""
-        if self.path == "factored":
-            return ops_factored.sl_linear_factored
-        if self.path == "materialize" or x is None or torch.compiler.is_compiling():
-            return ops.sl_linear
-        training = torch.is_grad_enabled() and (x.requires_grad or self.A.requires_grad or self.B.requires_grad
-                                                or self.values.requires_grad)
-        path = cost_model.choose_path_for_call(x.numel() // self.in_features, self.in_features, self.out_features,
-                                               self.rank, self.nnz, x.device.type,
-                                               "train" if training else "forward", x.element_size())
+    def _op(self, x: Tensor | None, *params: Tensor):
+        """What runs this call: the custom op of ``self.path``, or for ``"auto"`` of the cost
+        model's pick for the eager input ``x`` (materialize when tracing: ``x`` is ``None`` or
+        compiling). Eager on CPU with plain tensors and no dispatch mode active (no make_fx,
+        fake or functional tracing), the op's bodies run as an ``autograd.Function``
+        (:mod:`slcompile.eager`: the same computation without the dispatcher's overhead)."""
+        tracing = x is None or torch.compiler.is_compiling()
+        path = "materialize" if tracing and self.path == "auto" else self.path
+        if path == "auto":
+            training = torch.is_grad_enabled() and (x.requires_grad or self.A.requires_grad or self.B.requires_grad
+                                                    or self.values.requires_grad)
+            path = cost_model.choose_path_for_call(x.numel() // self.in_features, self.in_features,
+                                                   self.out_features, self.rank, self.nnz, x.device.type,
+                                                   "train" if training else "forward", x.element_size())
+        if (not tracing and x.device.type == "cpu" and torch._C._len_torch_dispatch_stack() == 0
+                and all(type(t) in _PLAIN for t in (x, *params))):
+            return (eager.EagerFactored if path == "factored" else eager.EagerMaterialized).apply
         return ops_factored.sl_linear_factored if path == "factored" else ops.sl_linear
 
     def extra_repr(self) -> str:

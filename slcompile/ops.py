@@ -20,7 +20,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["grad_weight_and_values", "materialize", "materialized_backward", "sl_linear", "sl_linear_backward"]
+__all__ = ["grad_weight_and_values", "materialize", "materialized_backward", "materialized_forward",
+           "materialized_weight", "sl_linear", "sl_linear_backward"]
+
+
+def materialized_weight(A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float) -> Tensor:
+    """The torch body of ``slcompile::materialize`` (see there)."""
+    weight = torch.mm(B, A)
+    weight.mul_(scale)
+    weight.view(-1).index_add_(0, support, values)
+    return weight
 
 
 @torch.library.custom_op("slcompile::materialize", mutates_args=())
@@ -30,10 +39,7 @@ def materialize(A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: fl
     Shapes: ``A (r, in)``, ``B (out, r)``, ``values (nnz,)``, ``support (nnz,)`` int32 flat
     indices into ``(out, in)``. Returns ``(out, in)`` in the parameters' dtype.
     """
-    weight = torch.mm(B, A)
-    weight.mul_(scale)
-    weight.view(-1).index_add_(0, support, values)
-    return weight
+    return materialized_weight(A, B, values, support, scale)
 
 
 @materialize.register_fake
@@ -69,11 +75,17 @@ def _materialize_backward(ctx, grad_w):
 materialize.register_autograd(_materialize_backward, setup_context=_materialize_setup_context)
 
 
+def materialized_forward(x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float,
+                         bias: Optional[Tensor] = None, form_weight=materialize) -> Tensor:
+    """The body of ``sl_linear``; ``form_weight(A, B, values, support, scale) -> W``."""
+    return torch.nn.functional.linear(x, form_weight(A, B, values, support, scale), bias)
+
+
 @torch.library.custom_op("slcompile::sl_linear", mutates_args=())
 def sl_linear(x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float,
               bias: Optional[Tensor] = None) -> Tensor:
     """``y (..., out) = x (..., in) @ W.T + bias``; ``W`` is formed and dropped (never saved)."""
-    return torch.nn.functional.linear(x, materialize(A, B, values, support, scale), bias)
+    return materialized_forward(x, A, B, values, support, scale, bias)
 
 
 @sl_linear.register_fake
@@ -82,13 +94,14 @@ def _(x, A, B, values, support, scale, bias=None):
 
 
 def materialized_backward(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor,
-                          scale: float, need_dx: bool, grad_weight=grad_weight_and_values
+                          scale: float, need_dx: bool, grad_weight=grad_weight_and_values, form_weight=materialize
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The body of ``sl_linear_backward``; ``grad_weight(dY2d, x2d, support) -> (dW, dvalues)``."""
+    """The body of ``sl_linear_backward``; ``grad_weight(dY2d, x2d, support) -> (dW, dvalues)``,
+    ``form_weight`` as in :func:`materialized_forward`."""
     in_features, out_features = A.shape[1], B.shape[0]
     x2d, g2d = x.reshape(-1, in_features), grad_y.reshape(-1, out_features)
     if need_dx:
-        weight = materialize(A, B, values, support, scale)
+        weight = form_weight(A, B, values, support, scale)
         grad_x = torch.mm(g2d, weight).view(x.shape)
         del weight  # free W before the dense dW exists: peak holds one (out, in) transient
     else:

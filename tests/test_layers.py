@@ -116,9 +116,10 @@ def test_saved_tensors_equal_nn_linear(path):
 def test_auto_path_follows_the_cost_model_per_call():
     """``path="auto"``: per call, the cost model's pick on this machine's CPU spec for the call's
     token count and mode (few tokens factored, very many materialize); both give the same result."""
-    from slcompile import cost_model, ops, ops_factored
+    from slcompile import cost_model, eager
     from slcompile.calibration import runtime_device
 
+    runs = {"factored": eager.EagerFactored.apply, "materialize": eager.EagerMaterialized.apply}  # eager CPU
     layer = _randomized(SLLinear(512, 512, rank=128, density=0.03), 0).float()
     wide = SLLinear(512, 512, rank=384, density=0.03)  # r (4 in / 3 + out) > in out: factored loses at large N
     spec = runtime_device("cpu")
@@ -130,19 +131,50 @@ def test_auto_path_follows_the_cost_model_per_call():
             assert cost_model.choose_path_for_call(*args, "cpu", mode, 4) == want
             with torch.set_grad_enabled(grad):
                 op = module._op(torch.empty(1, 512).expand(tokens, 512))  # no (N, in) allocation
-            assert op is (ops_factored.sl_linear_factored if want == "factored" else ops.sl_linear)
+            assert op == runs[want]
     layer.double()
     x = torch.randn(3, 7, 512, dtype=torch.float64)
     fixed = {p: SLLinear(512, 512, rank=128, density=0.03, path=p, dtype=torch.float64)
              for p in ("materialize", "factored")}
     for other in fixed.values():
         other.load_state_dict(layer.state_dict())
-    assert layer._op(x) is ops_factored.sl_linear_factored  # 21 tokens
+    assert layer._op(x) == runs["factored"]  # 21 tokens
     torch.testing.assert_close(layer(x), fixed["materialize"](x))
     torch.testing.assert_close(fixed["factored"](x), fixed["materialize"](x))
     assert "path='auto'" in repr(layer)
     with pytest.raises(ValueError, match="SLConfig.path"):
         SLLinear(8, 8, rank=2, path="sparse")
+
+
+def test_custom_ops_run_where_the_eager_fast_path_does_not_apply():
+    """Traced, compiled, faked or subclassed calls run the custom ops (opaque nodes, CUDA kernels);
+    eager CPU calls run the same bodies as autograd Functions; both agree."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from slcompile import eager, ops, ops_factored
+
+    for path, op, fast in (("materialize", ops.sl_linear, eager.EagerMaterialized.apply),
+                           ("factored", ops_factored.sl_linear_factored, eager.EagerFactored.apply)):
+        layer = _randomized(SLLinear(12, 10, rank=3, density=0.2, path=path, dtype=torch.float64), 1)
+        x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+        assert layer._op(x, layer.A, layer.B, layer.values) == fast
+        assert layer._op(None) is op
+        with FakeTensorMode() as mode:
+            assert layer._op(mode.from_tensor(x)) is op
+        graph = make_fx(layer)(x.detach()).graph  # a dispatch mode is active while tracing
+        assert any(node.target is op._opoverload for node in graph.nodes)
+        y = layer(x)
+        grads = torch.autograd.grad(y.square().sum(), (x, *layer.parameters()))
+        leaves = [t.detach().requires_grad_() for t in (x, layer.A, layer.B, layer.values, layer.bias)]
+        y_op = op(*leaves[:4], layer.support, layer.scale, leaves[4])
+        grads_op = torch.autograd.grad(y_op.square().sum(), leaves)
+        torch.testing.assert_close(y, y_op)
+        for got, want in zip(grads, grads_op):
+            torch.testing.assert_close(got, want)
+        with pytest.raises(RuntimeError, match="no autograd formula|does not require grad"):  # no double backward
+            g = torch.autograd.grad(layer(x).sum(), x, create_graph=True)[0]
+            torch.autograd.grad(g.sum(), x)
 
 
 def test_bad_inputs_are_clear():
