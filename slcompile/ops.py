@@ -8,6 +8,9 @@ GEMM and drops ``W``; autograd saves only ``x`` and the (already resident) param
 activation memory equals ``nn.Linear``'s. Backward recomputes ``W`` for ``dX`` and frees it
 before forming the dense ``dW`` that yields ``dA``, ``dB`` and ``dvalues = dW[support]``.
 
+Eager CPU calls of ``SLLinear`` run these bodies as an ``autograd.Function``
+(:mod:`slcompile.eager`); everything else (tracing, ``torch.compile``, CUDA) calls the ops.
+
 Ops (opaque to Dynamo/Inductor, so ``torch.compile(fullgraph=True)`` keeps them whole):
 - ``slcompile::materialize(A, B, values, support, scale) -> W``
 - ``slcompile::sl_linear(x, A, B, values, support, scale, bias?) -> y``
