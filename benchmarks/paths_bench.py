@@ -20,8 +20,11 @@ does now (calibrated, margin 1; ``auto picks``): the chosen path's time over mat
     .venv/bin/python benchmarks/paths_bench.py                         # mini,60m,130m; 1..4096 tokens; 1 thread
     .venv/bin/python benchmarks/paths_bench.py --shapes 60m --tokens 1,16,256 --repeats 3
     .venv/bin/python benchmarks/paths_bench.py --probe                 # + gather/index_add vs CSR SpMM
+    python benchmarks/paths_bench.py --device cuda                     # GPU: 350m,1b,7b; 1..16384 tokens; bf16
 
-Writes ``benchmarks/results/paths_bench_<device>.json``. Also prints the cost model's
+On CUDA it times the ops as registered there (our Triton kernels; calls synchronized) and
+scores the ``h200-triton`` preset, which is what auto uses there. Writes
+``benchmarks/results/paths_bench_<device>.json``. Also prints the cost model's
 predictions at the paper's 350M / 1B / 7B shapes on the ``h200`` and ``h200-cusparse`` presets.
 """
 from __future__ import annotations
@@ -59,10 +62,15 @@ def median_s(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth(repeats: int) -> float:
+def copy_bandwidth(repeats: int, device: str = "cpu") -> float:
     """Bytes/s of a 32 MiB clone (read + write)."""
-    big = torch.randn(2**23)
-    return 2 * big.numel() * big.element_size() / median_s(lambda: big.clone(), repeats)
+    big = torch.randn(2**23, device=device)
+    return 2 * big.numel() * big.element_size() / median_s(lambda: (big.clone(), sync(device)), repeats)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def _features(path: str, mode: str, in_f: int, out_f: int, rank: int, nnz: int, tokens: int) -> list[float]:
@@ -80,7 +88,7 @@ def _features(path: str, mode: str, in_f: int, out_f: int, rank: int, nnz: int, 
     return [sums["dense"], sums["form"], sums["sparse"], sums["elems"], float(len(kernels))]
 
 
-def fit_device(results: list[dict], bandwidth: float) -> cost_model.DeviceSpec:
+def fit_device(results: list[dict], bandwidth: float, device: str = "cpu") -> cost_model.DeviceSpec:
     """Rates that best explain the measured path times (least squares on relative error, all >= 0).
 
     Model per call: ``dense / D + form / F + sparse / S + elems * e + kernels * launch`` (one
@@ -102,22 +110,23 @@ def fit_device(results: list[dict], bandwidth: float) -> cost_model.DeviceSpec:
             break
         active = [k for k in active if coef[k] > 0]
     inverse = lambda c: 1.0 / c if c > 0 else math.inf  # noqa: E731
-    return cost_model.DeviceSpec("cpu-fitted", dense_flops=inverse(coef[0]), form_flops=inverse(coef[1]),
+    return cost_model.DeviceSpec(f"{device}-fitted", dense_flops=inverse(coef[0]), form_flops=inverse(coef[1]),
                                  spmm_flops=inverse(coef[2]), sddmm_flops=inverse(coef[2]), bandwidth=bandwidth,
                                  launch_s=float(coef[4]), spmm_elem_s=float(coef[3]), sddmm_elem_s=float(coef[3]))
 
 
-def layer_operands(in_f: int, out_f: int, rank: int, density: float, tokens: int, dtype: torch.dtype) -> dict:
+def layer_operands(in_f: int, out_f: int, rank: int, density: float, tokens: int, dtype: torch.dtype,
+                   device: str = "cpu") -> dict:
     gen = torch.Generator().manual_seed(in_f * 7 + out_f)
     nnz = nnz_for(in_f, out_f, density)
 
-    def param(*shape, std=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=dtype) * std).requires_grad_()
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(device, dtype)
 
-    return {"x": torch.randn(tokens, in_f, generator=gen, dtype=dtype), "A": param(rank, in_f, std=in_f ** -0.5),
-            "B": param(out_f, rank, std=rank ** -0.5), "values": param(nnz, std=in_f ** -0.5),
-            "support": generate_support(out_f, in_f, nnz, 0), "grad_y": torch.randn(tokens, out_f, generator=gen,
-                                                                                    dtype=dtype),
+    return {"x": rand(tokens, in_f), "A": rand(rank, in_f, std=in_f ** -0.5).requires_grad_(),
+            "B": rand(out_f, rank, std=rank ** -0.5).requires_grad_(),
+            "values": rand(nnz, std=in_f ** -0.5).requires_grad_(),
+            "support": generate_support(out_f, in_f, nnz, 0).to(device), "grad_y": rand(tokens, out_f),
             "scale": 0.25, "nnz": nnz}
 
 
@@ -134,7 +143,7 @@ def run(path: str, o: dict, train: bool) -> None:
 
 
 def check_agree(o: dict) -> float:
-    """Max relative difference of output and all gradients between the paths (fp32)."""
+    """Max relative difference of output and all gradients between the paths."""
     results = []
     for path in PATH_OPS:
         leaves = [o["x"].detach().clone().requires_grad_(), *(o[k] for k in ("A", "B", "values"))]
@@ -160,7 +169,7 @@ def bench_shape(label: str, in_f: int, out_f: int, cfg, args) -> dict:
     times = {mode: {path: [] for path in PATH_OPS} for mode in modes}
     diffs = []
     for tokens in args.tokens:
-        o = layer_operands(in_f, out_f, cfg.rank, cfg.density, tokens, torch.float32)
+        o = layer_operands(in_f, out_f, cfg.rank, cfg.density, tokens, args.dtype, args.device)
         diffs.append(check_agree(o))
         for mode, train in modes.items():
             samples = {path: [] for path in PATH_OPS}
@@ -168,8 +177,10 @@ def bench_shape(label: str, in_f: int, out_f: int, cfg, args) -> dict:
                 run(path, o, train)
             for rep in range(args.repeats):
                 for path in (list(PATH_OPS) if rep % 2 == 0 else list(PATH_OPS)[::-1]):
+                    sync(args.device)
                     start = time.perf_counter()
                     run(path, o, train)
+                    sync(args.device)
                     samples[path].append(time.perf_counter() - start)
             for path in PATH_OPS:
                 times[mode][path].append(1e3 * statistics.median(samples[path]))
@@ -178,7 +189,7 @@ def bench_shape(label: str, in_f: int, out_f: int, cfg, args) -> dict:
             "max_rel_diff": max(diffs)}
 
 
-def evaluate(res: dict, devices: dict[str, tuple[cost_model.DeviceSpec | str, float]]) -> None:
+def evaluate(res: dict, devices: dict[str, tuple[cost_model.DeviceSpec | str, float]], dtype_bytes: int) -> None:
     """Add to ``res`` per mode: measured and predicted crossovers, predicted times, and what
     choosing by each ``(device, margin)`` costs: ``vs_materialize`` = time of the chosen path
     over materialize's (> 1: the choice made it slower), ``vs_best`` = over the faster path's."""
@@ -187,12 +198,13 @@ def evaluate(res: dict, devices: dict[str, tuple[cost_model.DeviceSpec | str, fl
         entry = res.setdefault("by_mode", {}).setdefault(mode, {})
         entry["crossover"] = {"measured": measured_crossover(res["tokens"], measured)}
         for name, (device, margin) in devices.items():
-            entry["crossover"][name] = cost_model.crossover_tokens(*shape, device, mode, 4, margin=margin)
-            picks = [cost_model.choose_path(n, *shape, device, mode, 4, margin) for n in res["tokens"]]
+            entry["crossover"][name] = cost_model.crossover_tokens(*shape, device, mode, dtype_bytes, margin=margin)
+            picks = [cost_model.choose_path(n, *shape, device, mode, dtype_bytes, margin) for n in res["tokens"]]
             chosen = [measured[p][k] for k, p in enumerate(picks)]
             best = [min(m, f) for m, f in zip(measured["materialize"], measured["factored"])]
             entry[name] = {
-                "predicted_ms": {p: [1e3 * cost_model.path_time(p, n, *shape, device, mode, 4) for n in res["tokens"]]
+                "predicted_ms": {p: [1e3 * cost_model.path_time(p, n, *shape, device, mode, dtype_bytes)
+                                     for n in res["tokens"]]
                                  for p in PATH_OPS},
                 "picks": picks,
                 "vs_materialize": [c / m for c, m in zip(chosen, measured["materialize"])],
@@ -238,7 +250,7 @@ def paper_predictions(tokens_list=(1, 16, 256, 2048, 8192, 16384)) -> dict:
     return out
 
 
-def print_tables(results: list[dict], spec: cost_model.DeviceSpec, paper: dict) -> None:
+def print_tables(results: list[dict], spec: cost_model.DeviceSpec, paper: dict, choosers: dict[str, str]) -> None:
     print(f"fitted to these measurements: GEMM {spec.dense_flops / 1e9:.0f} GFLOP/s, form W "
           f"{spec.form_flops / 1e9:.0f}, SpMM/SDDMM {spec.spmm_flops / 1e9:.1f} + {spec.spmm_elem_s * 1e9:.2f} ns per "
           f"dense element, {spec.launch_s * 1e6:.0f} us/kernel; copy {spec.bandwidth / 1e9:.1f} GB/s")
@@ -248,17 +260,17 @@ def print_tables(results: list[dict], spec: cost_model.DeviceSpec, paper: dict) 
         for mode, entry in res["by_mode"].items():
             t = res["time_ms"][mode]
             print(f"  {mode:<8}{'tokens':>7}{'mat ms':>10}{'fac ms':>10}{'fac/mat':>9}"
-                  f"{'model cpu':>11}{'fitted':>8}{'calibrated':>12}{'auto picks':>12}")
+                  f"{'preset':>11}{'fitted':>8}{'auto spec':>12}{'auto picks':>12}")
             for k, n in enumerate(res["tokens"]):
                 model = [entry[d]["predicted_ms"]["factored"][k] / entry[d]["predicted_ms"]["materialize"][k]
-                         for d in ("cpu", "fitted", "auto")]
+                         for d in ("preset1", "fitted", "auto")]
                 print(f"  {'':<8}{n:>7}{t['materialize'][k]:>10.3f}{t['factored'][k]:>10.3f}"
                       f"{t['factored'][k] / t['materialize'][k]:>9.2f}{model[0]:>11.2f}{model[1]:>8.2f}"
                       f"{model[2]:>12.2f}{entry['auto']['picks'][k][:3]:>12}")
             cross = entry["crossover"]
-            print(f"  crossover tokens: measured {cross['measured']}, cpu preset {cross['cpu']}, fitted "
-                  f"{cross['fitted']}, calibrated {cross['auto']} (None: factored cheaper over the whole range)")
-            for name, label in CHOOSERS.items():
+            print(f"  crossover tokens: measured {cross['measured']}, preset {cross['preset1']}, fitted "
+                  f"{cross['fitted']}, auto's spec {cross['auto']} (None: factored cheaper over the whole range)")
+            for name, label in choosers.items():
                 print(f"  choosing as {label}: worst {max(entry[name]['vs_materialize']):.2f}x materialize, "
                       f"{max(entry[name]['vs_best']):.2f}x the faster path")
     print("\ncost model, one decoder layer (7 linears), bf16, as a multiple of dense nn.Linear:")
@@ -271,21 +283,32 @@ def print_tables(results: list[dict], spec: cost_model.DeviceSpec, paper: dict) 
                 print(f"  {'':<33}crossover tokens per shape: {by_tokens['crossover']}")
 
 
-CHOOSERS = {"cpu": "cpu preset, margin 1", "preset": f"cpu preset, margin {cost_model.DEFAULT_MARGIN}",
-            "auto": "auto (calibrated, margin 1)"}
+def choosers(device: str, preset: cost_model.DeviceSpec, auto: cost_model.DeviceSpec
+             ) -> dict[str, tuple[cost_model.DeviceSpec, float, str]]:
+    """``name -> (spec, margin, label)`` of the choices the run is scored by: the device's preset
+    at margin 1 and at its own margin, and what ``path="auto"`` uses (on CPU the calibrated spec)."""
+    return {"preset1": (preset, 1.0, f"{preset.name} preset, margin 1"),
+            "preset": (preset, preset.margin, f"{preset.name} preset, margin {preset.margin}"),
+            "auto": (auto, auto.margin, f"auto ({auto.name}, margin {auto.margin})")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="mini,60m,130m")
-    parser.add_argument("--tokens", default="1,4,16,64,256,1024,2048,4096")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--shapes", default=None, help="default cpu: mini,60m,130m; cuda: 350m,1b,7b")
+    parser.add_argument("--tokens", default=None, help="default cpu: 1,4,...,4096; cuda: 1,16,...,16384")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--probe", action="store_true", help="also time gather/index_add vs CSR SpMM")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "paths_bench_cpu.json"))
+    parser.add_argument("--out", default=None, help="default benchmarks/results/paths_bench_<device>.json")
     args = parser.parse_args(argv)
-    args.shapes = [s if s.startswith("llama-") else f"llama-{s}" for s in args.shapes.split(",") if s]
-    args.tokens = sorted(int(t) for t in args.tokens.split(",") if t)
+    gpu = args.device == "cuda"
+    shapes = args.shapes or ("350m,1b,7b" if gpu else "mini,60m,130m")
+    tokens = args.tokens or ("1,16,64,256,1024,2048,8192,16384" if gpu else "1,4,16,64,256,1024,2048,4096")
+    args.shapes = [s if s.startswith("llama-") else f"llama-{s}" for s in shapes.split(",") if s]
+    args.tokens = sorted(int(t) for t in tokens.split(",") if t)
+    args.dtype = torch.bfloat16 if gpu else torch.float32
+    args.out = Path(args.out or Path(__file__).parent / "results" / f"paths_bench_{args.device}.json")
     return args
 
 
@@ -293,37 +316,39 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    calibrated = calibration.calibrate()
+    auto_spec = calibration.runtime_device(args.device)  # on CPU measured now, as auto does on first use
+    preset = cost_model.device_for(args.device)
     results = []
     for name in args.shapes:
         cfg = get_config(name)
         for in_f, out_f in dict.fromkeys((i, o) for _, i, o in cfg.linear_shapes()):
             results.append(bench_shape(name, in_f, out_f, cfg, args))
             print(f"done {name} {in_f}x{out_f} ({time.perf_counter() - started:.0f} s)", flush=True)
-    spec = fit_device(results, copy_bandwidth(args.repeats))
+    spec = fit_device(results, copy_bandwidth(args.repeats, args.device), args.device)
+    scored = choosers(args.device, preset, auto_spec)
     for res in results:
-        evaluate(res, {"cpu": ("cpu", 1.0), "fitted": (spec, 1.0), "preset": ("cpu", cost_model.DEFAULT_MARGIN),
-                       "auto": (calibrated, calibrated.margin)})
+        evaluate(res, {"fitted": (spec, 1.0), **{k: (d, m) for k, (d, m, _) in scored.items()}},
+                 args.dtype.itemsize)
     paper = paper_predictions()
     report = {
-        "benchmark": "paths_bench", "device": "cpu", "torch": torch.__version__, "machine": machine_info(),
+        "benchmark": "paths_bench", "device": args.device, "torch": torch.__version__, "machine": machine_info(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": {"threads": torch.get_num_threads(), "shapes": args.shapes, "tokens": args.tokens,
-                     "repeats": args.repeats, "dtype": "float32", "command": " ".join(["python", *sys.argv])},
-        "fitted_device": vars(spec), "calibrated_device": vars(calibrated),
-        "cpu_preset": vars(cost_model.DEVICES["cpu"]),
+                     "repeats": args.repeats, "dtype": str(args.dtype).removeprefix("torch."),
+                     "command": " ".join(["python", *sys.argv])},
+        "fitted_device": vars(spec), "auto_device": vars(auto_spec), "preset_device": vars(preset),
         "results": results, "paper_predictions": paper,
-        "probe_spmm": probe_spmm(args.repeats) if args.probe else None,
+        "probe_spmm": probe_spmm(args.repeats) if args.probe and args.device == "cpu" else None,
     }
     report["runtime_s"] = round(time.perf_counter() - started, 1)
-    out = Path(args.out)
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    print(f"calibrated at the start (micro-benchmarks): GEMM {calibrated.dense_flops / 1e9:.0f} GFLOP/s, form W "
-          f"{calibrated.form_flops / 1e9:.0f}, SpMM {calibrated.spmm_flops / 1e9:.1f} + "
-          f"{calibrated.spmm_elem_s * 1e9:.2f} ns/element, SDDMM {calibrated.sddmm_flops / 1e9:.1f} + "
-          f"{calibrated.sddmm_elem_s * 1e9:.2f} ns/element, {calibrated.launch_s * 1e6:.0f} us/kernel")
-    print_tables(results, spec, paper)
+    print(f"auto's spec {auto_spec.name}: GEMM {auto_spec.dense_flops / 1e9:.0f} GFLOP/s, form W "
+          f"{auto_spec.form_flops / 1e9:.0f}, SpMM {auto_spec.spmm_flops / 1e9:.1f} + "
+          f"{auto_spec.spmm_elem_s * 1e9:.2f} ns/element, SDDMM {auto_spec.sddmm_flops / 1e9:.1f} + "
+          f"{auto_spec.sddmm_elem_s * 1e9:.2f} ns/element, {auto_spec.launch_s * 1e6:.0f} us/kernel")
+    print_tables(results, spec, paper, {k: label for k, (_, _, label) in scored.items()})
     if report["probe_spmm"]:
         print("\nS @ x^T (2048x2048, density 0.03):", json.dumps(report["probe_spmm"]["by_tokens"]))
     print(f"wrote {out} ({report['runtime_s']} s)")
