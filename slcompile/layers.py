@@ -114,24 +114,31 @@ class SLLinear(nn.Module):
         A, B, values, bias = params
         return self._op(x, A, B, values)(x, A, B, values, self.support, self.scale, bias)
 
+    def path_for(self, x: Tensor | None) -> str:
+        """``"materialize"`` or ``"factored"``: the path a call on input ``x`` takes. ``self.path``,
+        or for ``"auto"`` the cost model's pick for this token count, device, dtype and mode
+        (:func:`slcompile.cost_model.choose_path_for_call`); materialize when tracing (``x`` is
+        ``None`` or compiling: the backend's ``choose_path`` pass decides there)."""
+        if self.path != "auto":
+            return self.path
+        if x is None or torch.compiler.is_compiling():
+            return "materialize"
+        training = torch.is_grad_enabled() and (x.requires_grad or self.A.requires_grad or self.B.requires_grad
+                                                or self.values.requires_grad)
+        return cost_model.choose_path_for_call(x.numel() // self.in_features, self.in_features, self.out_features,
+                                               self.rank, self.nnz, x.device.type,
+                                               "train" if training else "forward", x.element_size())
+
     def _op(self, x: Tensor | None, *params: Tensor):
-        """What runs this call: the custom op of ``self.path``, or for ``"auto"`` of the cost
-        model's pick for the eager input ``x`` (materialize when tracing: ``x`` is ``None`` or
-        compiling). Eager on CPU with plain tensors and no dispatch mode active (no make_fx,
-        fake or functional tracing), the op's bodies run as an ``autograd.Function``
-        (:mod:`slcompile.eager`: the same computation without the dispatcher's overhead)."""
-        tracing = x is None or torch.compiler.is_compiling()
-        path = "materialize" if tracing and self.path == "auto" else self.path
-        if path == "auto":
-            training = torch.is_grad_enabled() and (x.requires_grad or self.A.requires_grad or self.B.requires_grad
-                                                    or self.values.requires_grad)
-            path = cost_model.choose_path_for_call(x.numel() // self.in_features, self.in_features,
-                                                   self.out_features, self.rank, self.nnz, x.device.type,
-                                                   "train" if training else "forward", x.element_size())
-        if (not tracing and x.device.type == "cpu" and torch._C._len_torch_dispatch_stack() == 0
-                and all(type(t) in _PLAIN for t in (x, *params))):
-            return (eager.EagerFactored if path == "factored" else eager.EagerMaterialized).apply
-        return ops_factored.sl_linear_factored if path == "factored" else ops.sl_linear
+        """What runs this call: the custom op of :meth:`path_for`; eager on CPU with plain tensors
+        and no dispatch mode active (no make_fx, fake or functional tracing), the op's bodies as
+        an ``autograd.Function`` (:mod:`slcompile.eager`: the same computation without the
+        dispatcher's overhead)."""
+        factored = self.path_for(x) == "factored"
+        if (x is not None and x.device.type == "cpu" and not torch.compiler.is_compiling()
+                and torch._C._len_torch_dispatch_stack() == 0 and all(type(t) in _PLAIN for t in (x, *params))):
+            return (eager.EagerFactored if factored else eager.EagerMaterialized).apply
+        return ops_factored.sl_linear_factored if factored else ops.sl_linear
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

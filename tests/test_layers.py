@@ -130,8 +130,8 @@ def test_auto_path_follows_the_cost_model_per_call():
             assert cost_model.choose_path(*args, spec, mode, 4, spec.margin) == want
             assert cost_model.choose_path_for_call(*args, "cpu", mode, 4) == want
             with torch.set_grad_enabled(grad):
-                op = module._op(torch.empty(1, 512).expand(tokens, 512))  # no (N, in) allocation
-            assert op == runs[want]
+                x = torch.empty(1, 512).expand(tokens, 512)  # no (N, in) allocation
+                assert module.path_for(x) == want and module._op(x) == runs[want]
     layer.double()
     x = torch.randn(3, 7, 512, dtype=torch.float64)
     fixed = {p: SLLinear(512, 512, rank=128, density=0.03, path=p, dtype=torch.float64)
