@@ -6,15 +6,15 @@ this project's shared 2-core runners gave GEMM 56-88 GFLOP/s and MKL SpMM 4.5-13
 preset put the factored/materialize crossover of a 512 x 512 layer at 1024 tokens on one runner
 while on another factored was faster up to 4096 (``benchmarks/paths_bench.py``).
 :func:`calibrate` measures each rate the model uses with the implementation that runs it, at
-``in = out = 512``, ``r = 128``, density 0.03, 512 tokens (the sparse products also at
-``128 x 128``), in about 0.1-0.3 s:
+``in = out = 512``, ``r = 128``, density 0.03, 512 tokens (the sparse products at
+``1024 x 1024`` and ``128 x 128``), in about 0.2-0.4 s:
 
 - ``dense_flops``: ``torch.mm`` ``(N, in) @ (in, out)``;
 - ``form_flops``: ``slcompile::materialize`` (``B @ A``, scale, ``index_add`` of the values);
 - ``spmm_flops`` and ``spmm_elem_s``, ``sddmm_flops`` and ``sddmm_elem_s``:
   :data:`slcompile.ops_factored.TORCH_SPARSE`'s ``S x`` and sampled ``dY^T x`` (MKL CSR, token
   blocks, transposes and casts included) at both shapes: two times, two unknowns per product
-  (FLOPs at a rate plus a cost per dense element touched, the model's form; 15 and 3.8 nonzeros
+  (FLOPs at a rate plus a cost per dense element touched, the model's form; 31 and 3.8 nonzeros
   per row tell them apart). A negative element cost is clamped to 0 and the rate taken from the
   large shape alone;
 - ``launch_s``: one forward + backward of ``sl_linear_factored`` at a tiny shape, divided by the
@@ -46,7 +46,7 @@ from slcompile import cost_model
 __all__ = ["calibrate", "runtime_device"]
 
 _TOKENS, _WIDTH, _RANK, _DENSITY = 512, 512, 128, 0.03
-_SMALL_WIDTH = 128  # the second shape of the sparse products: ~4 nonzeros per row
+_SPARSE_WIDTHS = (1024, 128)  # the sparse products' two shapes: ~31 and ~4 nonzeros per row
 _MIN_SECONDS = 1e-7  # floor of a kernel's time less launch (a rate stays finite)
 
 
@@ -106,15 +106,15 @@ def calibrate(repeats: int = 5) -> cost_model.DeviceSpec:
     gen = torch.Generator().manual_seed(0)
     n, d, rank = _TOKENS, _WIDTH, _RANK
     x, grad_y, weight, A, B = (torch.randn(*s, generator=gen) for s in ((n, d), (n, d), (d, d), (rank, d), (d, rank)))
+    support = generate_support(d, d, nnz_for(d, d, _DENSITY), 0)
+    values = torch.randn(support.numel(), generator=gen)
     sparse = {}  # width -> (index, support, values, x, grad_y)
-    for width in (_WIDTH, _SMALL_WIDTH):
-        nnz = nnz_for(width, width, _DENSITY)
-        support = generate_support(width, width, nnz, 0)
-        sparse[width] = (sparse_index(support, width, width), support, torch.randn(nnz, generator=gen),
-                         x[:, :width].contiguous(), grad_y[:, :width].contiguous())
+    for width in _SPARSE_WIDTHS:
+        sup = generate_support(width, width, nnz_for(width, width, _DENSITY), 0)
+        sparse[width] = (sparse_index(sup, width, width), sup, torch.randn(sup.numel(), generator=gen),
+                         torch.randn(n, width, generator=gen), torch.randn(n, width, generator=gen))
     src = torch.randn(2**23, generator=gen)  # 32 MiB: with dst, beyond a 32 MiB L3
     dst = torch.empty_like(src)
-    _, support, values, _, _ = sparse[_WIDTH]
     # The fixed cost is timed on its own: round-robin after the 32 MiB copy it would pay for a
     # cold cache every call (3-4x what it costs between a model's layers).
     launch = _median_seconds({"launch": _tiny_factored_step(gen)}, 4 * repeats)["launch"]
@@ -130,7 +130,7 @@ def calibrate(repeats: int = 5) -> cost_model.DeviceSpec:
         return flops / max(seconds[unit] - launch, _MIN_SECONDS)
 
     def sparse_cost(unit: str) -> tuple[float, float]:
-        widths = (_WIDTH, _SMALL_WIDTH)
+        widths = _SPARSE_WIDTHS
         return _sparse_cost(tuple(max(seconds[f"{unit}{w}"] - launch, _MIN_SECONDS) for w in widths),
                             tuple(2.0 * n * sparse[w][2].numel() for w in widths), tuple(2.0 * n * w for w in widths))
 
