@@ -147,6 +147,7 @@ def runtime_device(device_type: str) -> cost_model.DeviceSpec:
     ``"cpu"``: :func:`calibrate` (``SLCOMPILE_CALIBRATE=0``: the ``cpu`` preset); else
     :func:`slcompile.cost_model.device_for` (``ValueError`` for a type without a preset)."""
     if device_type == "cpu" and os.environ.get("SLCOMPILE_CALIBRATE", "1") != "0":
-        with torch.inference_mode(False), torch.enable_grad():  # whatever mode the first call came in
+        # Whatever mode the first call came in: fp32, grad mode, no autocast, no inference mode.
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
             return calibrate()
     return cost_model.device_for(device_type)

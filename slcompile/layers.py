@@ -112,7 +112,7 @@ class SLLinear(nn.Module):
             raise TypeError(f"SLLinear input dtype {x.dtype} differs from its parameters' {self.A.dtype}; "
                             "cast the input or the module, or use torch.autocast")
         A, B, values, bias = params
-        return self._op(x, A, B, values)(x, A, B, values, self.support, self.scale, bias)
+        return self._op(x, A, B, values, bias)(x, A, B, values, self.support, self.scale, bias)
 
     def path_for(self, x: Tensor | None) -> str:
         """``"materialize"`` or ``"factored"``: the path a call on input ``x`` takes. ``self.path``,
@@ -136,7 +136,8 @@ class SLLinear(nn.Module):
         dispatcher's overhead)."""
         factored = self.path_for(x) == "factored"
         if (x is not None and x.device.type == "cpu" and not torch.compiler.is_compiling()
-                and torch._C._len_torch_dispatch_stack() == 0 and all(type(t) in _PLAIN for t in (x, *params))):
+                and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
+                and all(type(t) in _PLAIN for t in (x, *params) if t is not None)):
             return (eager.EagerFactored if factored else eager.EagerMaterialized).apply
         return ops_factored.sl_linear_factored if factored else ops.sl_linear
 

@@ -51,3 +51,19 @@ def test_sparse_cost_solves_the_two_shape_system():
     assert got_rate == pytest.approx(rate) and got_elem == pytest.approx(elem_s)
     # Times the form cannot explain with a non-negative element cost: the large shape's rate alone.
     assert calibration._sparse_cost((1e-3, 1e-6), flops, elems) == (pytest.approx(8e9), 0.0)
+
+
+def test_first_auto_call_under_cpu_autocast_calibrates_in_fp32(monkeypatch):
+    from slcompile import SLLinear
+
+    monkeypatch.delenv("SLCOMPILE_CALIBRATE", raising=False)
+    calibration.runtime_device.cache_clear()
+    cost_model.choose_path_for_call.cache_clear()
+    try:
+        layer = SLLinear(64, 48, rank=8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(torch.randn(4096, 64))
+        assert y.dtype == torch.bfloat16 and calibration.runtime_device("cpu").name == "cpu-calibrated"
+    finally:
+        calibration.runtime_device.cache_clear()
+        cost_model.choose_path_for_call.cache_clear()
