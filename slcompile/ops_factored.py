@@ -157,9 +157,8 @@ def _spmm(matrix: Tensor, dense: Tensor) -> Tensor:
     out = dense.new_empty(dense.shape[0], matrix.shape[0])
     if matrix.values().numel() == 0:
         return out.zero_()
-    dense_t = dense.t().to(matrix.dtype)  # (k, N): MKL/cuSPARSE read each nonzero's token row
-    for block in _token_blocks(dense.shape[0]):
-        out[block] = (matrix @ dense_t[:, block]).t()
+    for block in _token_blocks(dense.shape[0]):  # cast per block: no full-size fp32 copy of a half input
+        out[block] = (matrix @ dense[block].t().to(matrix.dtype)).t()  # (k, block): each nonzero's token row
     return out
 
 
