@@ -81,7 +81,14 @@ materialize.register_autograd(_materialize_backward, setup_context=_materialize_
 def materialized_forward(x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float,
                          bias: Optional[Tensor] = None, form_weight=materialize) -> Tensor:
     """The body of ``sl_linear``; ``form_weight(A, B, values, support, scale) -> W``."""
-    return torch.nn.functional.linear(x, form_weight(A, B, values, support, scale), bias)
+    y2d = torch.nn.functional.linear(x.reshape(-1, A.shape[1]), form_weight(A, B, values, support, scale), bias)
+    return unflatten_rows(y2d, x.shape[:-1])
+
+
+def unflatten_rows(y2d: Tensor, batch_shape: torch.Size) -> Tensor:
+    """``y2d (N, out)`` as ``(*batch_shape, out)``, not a view: callers may modify a layer's output in
+    place, as ``nn.Linear``'s (autograd refuses in-place ops on a view made inside a Function)."""
+    return torch.ops.aten._unsafe_view(y2d, (*batch_shape, y2d.shape[-1]))
 
 
 @torch.library.custom_op("slcompile::sl_linear", mutates_args=())

@@ -52,7 +52,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from slcompile.ops import make_backward, setup_context
+from slcompile.ops import make_backward, setup_context, unflatten_rows
 from slcompile.support import derived_index
 
 __all__ = ["SparseIndex", "SparseProducts", "TORCH_SPARSE", "factored_backward", "factored_forward",
@@ -200,7 +200,7 @@ def factored_forward(x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: T
     y = sparse.s_x(index, values, x2d).addmm_(torch.mm(x2d, A.t()), B.t(), alpha=scale)
     if bias is not None:
         y.add_(bias)
-    return y.view(*x.shape[:-1], out_features)
+    return unflatten_rows(y, x.shape[:-1])
 
 
 def factored_backward(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor,

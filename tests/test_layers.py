@@ -177,6 +177,32 @@ def test_custom_ops_run_where_the_eager_fast_path_does_not_apply():
             torch.autograd.grad(g.sum(), x)
 
 
+@pytest.mark.parametrize("path", ["materialize", "factored"])
+@pytest.mark.parametrize("route", ["eager", "custom_op"])
+def test_output_can_be_modified_in_place_like_nn_linear(path, route):
+    """``y += residual`` / ``y.relu_()`` on a layer's output (a fresh tensor, not a view) work and
+    differentiate as for ``nn.Linear`` holding the dense ``W``."""
+    from slcompile import ops, ops_factored
+
+    layer = _randomized(SLLinear(12, 10, rank=3, density=0.2, path=path, dtype=torch.float64), 2)
+    dense = nn.Linear(12, 10, dtype=torch.float64)
+    with torch.no_grad():
+        dense.weight.copy_(layer.dense_weight())
+        dense.bias.copy_(layer.bias)
+    x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(2, 3, 10, dtype=torch.float64)
+    op = {"materialize": ops.sl_linear, "factored": ops_factored.sl_linear_factored}[path]
+    y = layer(x) if route == "eager" else op(x, layer.A, layer.B, layer.values, layer.support, layer.scale,
+                                              layer.bias)
+    assert y._base is None
+    y.add_(residual).relu_()
+    want = dense(x).add_(residual).relu_()
+    torch.testing.assert_close(y, want)
+    grad_x, = torch.autograd.grad(y.square().sum(), x)
+    want_x, = torch.autograd.grad(want.square().sum(), x)
+    torch.testing.assert_close(grad_x, want_x)
+
+
 def test_bad_inputs_are_clear():
     layer = SLLinear(8, 4, rank=2)
     with pytest.raises(ValueError, match=r"expects input \(\.\.\., 8\), got shape \(3, 7\)"):
