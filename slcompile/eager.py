@@ -1,9 +1,9 @@
 """The eager CPU fast path of ``SLLinear``: the custom ops' bodies under a plain ``autograd.Function``.
 
-A call through ``torch.library`` custom ops pays the dispatcher and their autograd wrapper
-(``sl_linear`` forward + backward: ~115 us at an 8 x 8 layer on one CPU core against ~60 us for
-the same product in plain differentiable torch ops, ``benchmarks/layer_cpu.py`` at the demo's
-128-wide llama-mini: 5-10% of a layer's time). Eager calls on CPU therefore run the very same
+A call through ``torch.library`` custom ops pays the dispatcher and their autograd wrapper:
+``sl_linear`` forward + backward at an 8 x 8 layer on one CPU core takes ~200 us, this path
+~125 us, the same product in plain differentiable torch ops ~90 us (fixed costs that matter at
+the demo's 128-wide llama-mini, ``benchmarks/layer_cpu.py``). Eager calls on CPU therefore run the very same
 bodies (:func:`slcompile.ops.materialized_forward` / ``materialized_backward``,
 :func:`slcompile.ops_factored.factored_forward` / ``factored_backward`` with the torch sparse
 products) under an ``autograd.Function`` wired by the ops' own ``setup_context`` and
@@ -11,6 +11,11 @@ products) under an ``autograd.Function`` wired by the ops' own ``setup_context``
 of three dispatcher hops. On CUDA, under ``torch.compile`` and in FX traces ``SLLinear`` calls
 the custom ops (their CUDA implementations are the Triton kernels of :mod:`slcompile.kernels`;
 Dynamo needs them opaque). Double backward raises, as for the ops.
+
+The Functions use the ``forward(ctx, ...)`` form, not a separate ``setup_context``: with one,
+``Function.apply`` binds the arguments through ``inspect.signature`` on every call (~30 us per
+fwd+bwd here, more than forming ``W`` at the demo's shapes). That form does not support functorch transforms, which
+``SLLinear`` routes to the custom ops anyway.
 """
 from __future__ import annotations
 
@@ -24,40 +29,33 @@ from slcompile import ops, ops_factored
 __all__ = ["EagerFactored", "EagerMaterialized"]
 
 
-# make_backward's backward(ctx, grad_y) over each path's backward body (torch products only).
-_materialized_backward = ops.make_backward(functools.partial(ops.materialized_backward,
-                                                             form_weight=ops.materialized_weight))
-_factored_backward = ops.make_backward(functools.partial(ops_factored.factored_backward,
-                                                         sparse=ops_factored.TORCH_SPARSE))
-
-
-class EagerMaterialized(torch.autograd.Function):
-    """``slcompile::sl_linear`` and its backward (the materialize path) without the dispatcher:
-    ``EagerMaterialized.apply(x, A, B, values, support, scale, bias)``."""
+class _EagerSLLinear(torch.autograd.Function):
+    """``apply(x, A, B, values, support, scale, bias) -> y``; subclasses name the path's
+    ``body(x, A, B, values, support, scale, bias) -> y`` and ``grads(ctx, grad_y)``
+    (:func:`slcompile.ops.make_backward` over the path's backward body)."""
 
     @staticmethod
-    def forward(x, A, B, values, support, scale, bias):
-        return ops.materialized_forward(x, A, B, values, support, scale, bias, form_weight=ops.materialized_weight)
-
-    setup_context = staticmethod(ops.setup_context)
+    def forward(ctx, x, A, B, values, support, scale, bias):
+        ops.setup_context(ctx, (x, A, B, values, support, scale, bias), None)
+        return ctx._forward_cls.body(x, A, B, values, support, scale, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        return _materialized_backward(ctx, grad_y)
+        return ctx._forward_cls.grads(ctx, grad_y)
 
 
-class EagerFactored(torch.autograd.Function):
-    """``slcompile::sl_linear_factored`` and its backward without the dispatcher:
-    ``EagerFactored.apply(x, A, B, values, support, scale, bias)``."""
+class EagerMaterialized(_EagerSLLinear):
+    """``slcompile::sl_linear`` and its backward (the materialize path) without the dispatcher."""
 
-    @staticmethod
-    def forward(x, A, B, values, support, scale, bias):
-        return ops_factored.factored_forward(x, A, B, values, support, scale, bias, ops_factored.TORCH_SPARSE)
+    body = staticmethod(functools.partial(ops.materialized_forward, form_weight=ops.materialized_weight))
+    grads = staticmethod(ops.make_backward(functools.partial(ops.materialized_backward,
+                                                             form_weight=ops.materialized_weight)))
 
-    setup_context = staticmethod(ops.setup_context)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        return _factored_backward(ctx, grad_y)
+class EagerFactored(_EagerSLLinear):
+    """``slcompile::sl_linear_factored`` and its backward without the dispatcher."""
+
+    body = staticmethod(functools.partial(ops_factored.factored_forward, sparse=ops_factored.TORCH_SPARSE))
+    grads = staticmethod(ops.make_backward(functools.partial(ops_factored.factored_backward,
+                                                             sparse=ops_factored.TORCH_SPARSE)))

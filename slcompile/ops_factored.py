@@ -52,7 +52,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from slcompile.ops import make_backward, setup_context, unflatten_rows
+from slcompile.ops import make_backward, scaled_mm, setup_context, unflatten_rows
 from slcompile.support import derived_index
 
 __all__ = ["SparseIndex", "SparseProducts", "TORCH_SPARSE", "factored_backward", "factored_forward",
@@ -214,9 +214,9 @@ def factored_backward(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: T
     grad_low = torch.mm(g2d, B)  # (N, r): dY @ B, shared by dx and dA
     if need_dx:
         grad_x = grad_x.addmm_(grad_low, A, alpha=scale).view(x.shape)
-    grad_a = torch.mm(grad_low.t(), x2d).mul_(scale)
+    grad_a = scaled_mm(grad_low.t(), x2d, scale)
     del grad_low
-    grad_b = torch.mm(g2d.t(), torch.mm(x2d, A.t())).mul_(scale)
+    grad_b = scaled_mm(g2d.t(), torch.mm(x2d, A.t()), scale)
     grad_values = sparse.sampled(index, support, g2d, x2d, values.dtype)
     return grad_x, grad_a, grad_b, grad_values
 
