@@ -2,8 +2,9 @@
 
 For each distinct linear shape ``(in, out)`` of a config's decoder layer (q/k/v/o ``d x d``,
 gate/up ``d -> f``, down ``f -> d``; the paper's rank and density), and each token count ``N``:
-the median time of ``slcompile::sl_linear`` (materialize) and ``slcompile::sl_linear_factored``,
-eager, in ``train`` mode (forward + backward, all gradients) and ``forward`` mode (no grad),
+the median time of the materialize and factored paths as ``SLLinear`` runs them (on CPU the
+eager Functions of :mod:`slcompile.eager`, on CUDA the custom ops ``slcompile::sl_linear`` and
+``slcompile::sl_linear_factored``), in ``train`` mode (forward + backward, all gradients) and ``forward`` mode (no grad),
 interleaved round-robin. The **measured crossover** is the smallest ``N`` of the grid from which
 materialize is no slower than factored (and stays so); the **predicted** one is
 :func:`slcompile.cost_model.crossover_tokens` with the ``cpu`` preset and with rates fitted to
@@ -44,11 +45,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from layer_cpu import machine_info  # noqa: E402
 
-from slcompile import calibration, cost_model, ops, ops_factored  # noqa: E402
+from slcompile import calibration, cost_model, eager, ops, ops_factored  # noqa: E402
 from slcompile.models.config import get_config  # noqa: E402
 from slcompile.support import generate_support, nnz_for  # noqa: E402
 
-PATH_OPS = {"materialize": ops.sl_linear, "factored": ops_factored.sl_linear_factored}
+PATHS = ("materialize", "factored")
+
+
+def path_ops(device: str) -> dict:
+    """What ``SLLinear`` runs per path on ``device``: on CPU the eager Functions of
+    :mod:`slcompile.eager`, elsewhere the custom ops (our Triton kernels on CUDA)."""
+    if device == "cpu":
+        return {"materialize": eager.EagerMaterialized.apply, "factored": eager.EagerFactored.apply}
+    return {"materialize": ops.sl_linear, "factored": ops_factored.sl_linear_factored}
 
 
 def median_s(fn, repeats: int, warmup: int = 1) -> float:
@@ -127,27 +136,27 @@ def layer_operands(in_f: int, out_f: int, rank: int, density: float, tokens: int
             "B": rand(out_f, rank, std=rank ** -0.5).requires_grad_(),
             "values": rand(nnz, std=in_f ** -0.5).requires_grad_(),
             "support": generate_support(out_f, in_f, nnz, 0).to(device), "grad_y": rand(tokens, out_f),
-            "scale": 0.25, "nnz": nnz}
+            "scale": 0.25, "nnz": nnz, "ops": path_ops(device)}
 
 
 def run(path: str, o: dict, train: bool) -> None:
     if train:
         x = o["x"].requires_grad_()
-        y = PATH_OPS[path](x, o["A"], o["B"], o["values"], o["support"], o["scale"])
+        y = o["ops"][path](x, o["A"], o["B"], o["values"], o["support"], o["scale"])
         y.backward(o["grad_y"])
         for t in (x, o["A"], o["B"], o["values"]):
             t.grad = None
     else:
         with torch.no_grad():
-            PATH_OPS[path](o["x"], o["A"], o["B"], o["values"], o["support"], o["scale"])
+            o["ops"][path](o["x"], o["A"], o["B"], o["values"], o["support"], o["scale"])
 
 
 def check_agree(o: dict) -> float:
     """Max relative difference of output and all gradients between the paths."""
     results = []
-    for path in PATH_OPS:
+    for path in PATHS:
         leaves = [o["x"].detach().clone().requires_grad_(), *(o[k] for k in ("A", "B", "values"))]
-        y = PATH_OPS[path](leaves[0], *leaves[1:], o["support"], o["scale"])
+        y = o["ops"][path](leaves[0], *leaves[1:], o["support"], o["scale"])
         grads = torch.autograd.grad(y, leaves, o["grad_y"])
         results.append([y.detach(), *grads])
     return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(*results))
@@ -166,23 +175,23 @@ def measured_crossover(tokens: list[int], times: dict[str, list[float]]) -> int 
 def bench_shape(label: str, in_f: int, out_f: int, cfg, args) -> dict:
     """Median ms of both paths per mode and token count (interleaved, order alternated)."""
     modes = {"train": True, "forward": False}
-    times = {mode: {path: [] for path in PATH_OPS} for mode in modes}
+    times = {mode: {path: [] for path in PATHS} for mode in modes}
     diffs = []
     for tokens in args.tokens:
         o = layer_operands(in_f, out_f, cfg.rank, cfg.density, tokens, args.dtype, args.device)
         diffs.append(check_agree(o))
         for mode, train in modes.items():
-            samples = {path: [] for path in PATH_OPS}
-            for path in PATH_OPS:  # warm-up (builds the factored path's index cache once)
+            samples = {path: [] for path in PATHS}
+            for path in PATHS:  # warm-up (builds the factored path's index cache once)
                 run(path, o, train)
             for rep in range(args.repeats):
-                for path in (list(PATH_OPS) if rep % 2 == 0 else list(PATH_OPS)[::-1]):
+                for path in (list(PATHS) if rep % 2 == 0 else list(PATHS)[::-1]):
                     sync(args.device)
                     start = time.perf_counter()
                     run(path, o, train)
                     sync(args.device)
                     samples[path].append(time.perf_counter() - start)
-            for path in PATH_OPS:
+            for path in PATHS:
                 times[mode][path].append(1e3 * statistics.median(samples[path]))
     return {"config": label, "in": in_f, "out": out_f, "rank": cfg.rank, "density": cfg.density,
             "nnz": nnz_for(in_f, out_f, cfg.density), "tokens": args.tokens, "time_ms": times,
@@ -205,7 +214,7 @@ def evaluate(res: dict, devices: dict[str, tuple[cost_model.DeviceSpec | str, fl
             entry[name] = {
                 "predicted_ms": {p: [1e3 * cost_model.path_time(p, n, *shape, device, mode, dtype_bytes)
                                      for n in res["tokens"]]
-                                 for p in PATH_OPS},
+                                 for p in PATHS},
                 "picks": picks,
                 "vs_materialize": [c / m for c, m in zip(chosen, measured["materialize"])],
                 "vs_best": [c / b for c, b in zip(chosen, best)]}

@@ -17,9 +17,9 @@ while on another factored was faster up to 4096 (``benchmarks/paths_bench.py``).
   (FLOPs at a rate plus a cost per dense element touched, the model's form; 31 and 3.8 nonzeros
   per row tell them apart). A negative element cost is clamped to 0 and the rate taken from the
   large shape alone;
-- ``launch_s``: one forward + backward of ``sl_linear_factored`` at a tiny shape, divided by the
-  number of kernels the model counts for it (custom-op dispatch, autograd, index cache lookup),
-  timed in a loop of its own;
+- ``launch_s``: one forward + backward of the factored path at a tiny shape as eager
+  ``SLLinear`` runs it on CPU (:class:`slcompile.eager.EagerFactored`), divided by the number of
+  kernels the model counts for it (Python, autograd, index cache lookup), timed in a loop of its own;
 - ``bandwidth``: a 32 MiB ``copy_`` (bytes read + written).
 
 Each is the median of a few timed calls, timed round-robin after two warm-up rounds, with
@@ -64,8 +64,8 @@ def _median_seconds(fns: dict[str, Callable[[], object]], repeats: int, warmup: 
 
 
 def _tiny_factored_step(gen: torch.Generator) -> Callable[[], None]:
-    """One fwd+bwd of ``sl_linear_factored`` at ``8 x 8``, rank 2, one token: all fixed cost."""
-    from slcompile.ops_factored import sl_linear_factored
+    """One fwd+bwd of the eager factored path at ``8 x 8``, rank 2, one token: all fixed cost."""
+    from slcompile.eager import EagerFactored
     from slcompile.support import generate_support
 
     x, A, B, values = (torch.randn(*shape, generator=gen).requires_grad_()
@@ -73,7 +73,7 @@ def _tiny_factored_step(gen: torch.Generator) -> Callable[[], None]:
     support = generate_support(8, 8, 6, 0)
 
     def step():
-        sl_linear_factored(x, A, B, values, support, 1.0).sum().backward()
+        EagerFactored.apply(x, A, B, values, support, 1.0, None).sum().backward()
 
     return step
 

@@ -35,7 +35,7 @@ class _EagerSLLinear(torch.autograd.Function):
     (:func:`slcompile.ops.make_backward` over the path's backward body)."""
 
     @staticmethod
-    def forward(ctx, x, A, B, values, support, scale, bias):
+    def forward(ctx, x, A, B, values, support, scale, bias=None):
         ops.setup_context(ctx, (x, A, B, values, support, scale, bias), None)
         return ctx._forward_cls.body(x, A, B, values, support, scale, bias)
 
