@@ -28,6 +28,8 @@ synchronized call. Peak: CUDA ``max_memory_allocated`` above the pre-call level;
 allocation-event replay of ``layer_cpu.peak_bytes`` (bytes allocated and live during the call).
 Ratios are to ``dense``; ``floor`` is DESIGN.md's FLOP floor of the materialize path,
 ``1 + 4r/(3N)`` (the ``autograd`` variant keeps ``W`` and forms it once: ``1 + r/N``).
+Writes ``benchmarks/results/layer_bench_<device>.json`` and a PNG bar chart next to it (time and
+peak per case and variant, the floor marked).
 
 GPU (default there): 350M/1B/7B shapes at 2k/8k/16k tokens, bf16. CPU: small shapes, fp32, and
 ratios only mean "on this CPU" (2 shared cores here)::
@@ -176,7 +178,8 @@ def bench_case(label: str, cfg: LlamaConfig, tokens: int, args) -> dict:
     time_ms = {v: 1e3 * statistics.median(t) for v, t in times.items()}
     base_t, base_p = time_ms.get("dense"), peak.get("dense", {}).get("peak")
     return {
-        "config": label, "tokens": tokens, "rank": cfg.rank, "density": cfg.density,
+        "config": label, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "rank": cfg.rank,
+        "density": cfg.density,
         "flop_floor": {"sllinear": 1 + 4 * cfg.rank / (3 * tokens), "autograd": 1 + cfg.rank / tokens},
         "time_ms": time_ms, "time_ms_min": {v: 1e3 * min(t) for v, t in times.items()}, "time_ms_all": {v: [1e3 * s for s in t] for v, t in times.items()},
         "peak_bytes": peak,
@@ -203,6 +206,33 @@ def print_table(results: list[dict], variants: list[str]) -> None:
     print("peak MiB allocated during forward+backward (ratio to dense)")
 
 
+def plot(results: list[dict], variants: list[str], path: Path) -> None:
+    """Bar chart: per case (config, tokens) one bar per variant, time and peak as multiples of
+    ``dense``; the materialize path's FLOP floor as a black tick over the ``sllinear`` bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.1 * len(results) * len(variants) / 3), 7), sharex=True)
+    width = 0.8 / len(variants)
+    cases = range(len(results))
+    for ax, metric in zip(axes, ("time", "peak")):
+        for j, variant in enumerate(variants):
+            xs = [i + (j - (len(variants) - 1) / 2) * width for i in cases]
+            ax.bar(xs, [r["ratios"][metric].get(variant, float("nan")) for r in results], width, label=variant)
+            if metric == "time" and variant == "sllinear":
+                ax.scatter(xs, [r["flop_floor"]["sllinear"] for r in results], marker="_", s=160, color="black",
+                           zorder=3, label="FLOP floor (materialize)")
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_ylabel(f"{metric} / dense")
+    axes[0].set_title(f"decoder layer's 7 linears, fwd+bwd, {results[0]['dtype']}", fontsize=9)
+    axes[1].set_xticks(list(cases), [f"{r['config'][6:]}\n{r['tokens']} tok" for r in results], fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -217,6 +247,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", default=None, help="default benchmarks/results/layer_bench_<device>.json")
+    parser.add_argument("--plot", default=None, help="PNG bar chart (default next to the JSON)")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     args.shapes = [s if s.startswith("llama-") else f"llama-{s}"
@@ -229,6 +260,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--variants: known {VARIANTS}; 'sllinear' (the reference of the check) is required")
     args.repeats = args.repeats or (20 if gpu else 5)
     args.out = Path(args.out or Path(__file__).parent / "results" / f"layer_bench_{args.device}.json")
+    args.plot = Path(args.plot) if args.plot else args.out.with_suffix(".png")
     return args
 
 
@@ -254,8 +286,9 @@ def main(argv=None) -> dict:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
+    plot(results, args.variants, args.plot)
     print_table(results, args.variants)
-    print(f"wrote {args.out} ({report['runtime_s']} s)")
+    print(f"wrote {args.out} and {args.plot} ({report['runtime_s']} s)")
     return report
 
 
