@@ -40,6 +40,7 @@ from dataclasses import replace
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from slcompile import cost_model
 
@@ -147,7 +148,9 @@ def runtime_device(device_type: str) -> cost_model.DeviceSpec:
     ``"cpu"``: :func:`calibrate` (``SLCOMPILE_CALIBRATE=0``: the ``cpu`` preset); else
     :func:`slcompile.cost_model.device_for` (``ValueError`` for a type without a preset)."""
     if device_type == "cpu" and os.environ.get("SLCOMPILE_CALIBRATE", "1") != "0":
-        # Whatever mode the first call came in: fp32, grad mode, no autocast, no inference mode.
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        # Whatever mode the first call came in: fp32, grad mode, no autocast, no inference mode,
+        # and outside any dispatch mode (fake tensors, FLOP counters must not see or time it).
+        with (_disable_current_modes(), torch.inference_mode(False), torch.enable_grad(),
+              torch.autocast("cpu", enabled=False)):
             return calibrate()
     return cost_model.device_for(device_type)

@@ -15,14 +15,14 @@ Dynamo needs them opaque). Double backward raises, as for the ops.
 The Functions use the ``forward(ctx, ...)`` form, not a separate ``setup_context``: with one,
 ``Function.apply`` binds the arguments through ``inspect.signature`` on every call (~30 us per
 fwd+bwd here, more than forming ``W`` at the demo's shapes). That form does not support functorch transforms, which
-``SLLinear`` routes to the custom ops anyway.
+``SLLinear`` routes to the custom ops (``vmap`` works there through torch's fallback;
+``torch.func.grad`` does not: ``custom_op`` autograd does not support it).
 """
 from __future__ import annotations
 
 import functools
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from slcompile import ops, ops_factored
 
@@ -31,8 +31,9 @@ __all__ = ["EagerFactored", "EagerMaterialized"]
 
 class _EagerSLLinear(torch.autograd.Function):
     """``apply(x, A, B, values, support, scale, bias) -> y``; subclasses name the path's
-    ``body(x, A, B, values, support, scale, bias) -> y`` and ``grads(ctx, grad_y)``
-    (:func:`slcompile.ops.make_backward` over the path's backward body)."""
+    ``body(x, A, B, values, support, scale, bias) -> y``, ``grads(ctx, grad_y)``
+    (:func:`slcompile.ops.make_backward` over the path's backward body) and ``op_grads`` (the
+    same over the path's backward custom op, for ``create_graph=True``)."""
 
     @staticmethod
     def forward(ctx, x, A, B, values, support, scale, bias=None):
@@ -40,8 +41,11 @@ class _EagerSLLinear(torch.autograd.Function):
         return ctx._forward_cls.body(x, A, B, values, support, scale, bias)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y):
+        if torch.is_grad_enabled():
+            # create_graph=True: through the backward custom op, so that differentiating these
+            # gradients raises (no autograd formula) instead of silently treating them as constants.
+            return ctx._forward_cls.op_grads(ctx, grad_y)
         return ctx._forward_cls.grads(ctx, grad_y)
 
 
@@ -51,6 +55,7 @@ class EagerMaterialized(_EagerSLLinear):
     body = staticmethod(functools.partial(ops.materialized_forward, form_weight=ops.materialized_weight))
     grads = staticmethod(ops.make_backward(functools.partial(ops.materialized_backward,
                                                              form_weight=ops.materialized_weight)))
+    op_grads = staticmethod(ops.make_backward(ops.sl_linear_backward))
 
 
 class EagerFactored(_EagerSLLinear):
@@ -59,3 +64,4 @@ class EagerFactored(_EagerSLLinear):
     body = staticmethod(functools.partial(ops_factored.factored_forward, sparse=ops_factored.TORCH_SPARSE))
     grads = staticmethod(ops.make_backward(functools.partial(ops_factored.factored_backward,
                                                              sparse=ops_factored.TORCH_SPARSE)))
+    op_grads = staticmethod(ops.make_backward(ops_factored.sl_linear_factored_backward))

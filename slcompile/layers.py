@@ -104,9 +104,12 @@ class SLLinear(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"SLLinear expects a floating-point input, got {x.dtype}")
         params = (self.A, self.B, self.values, self.bias)
-        if torch.is_autocast_enabled(x.device.type):
+        device = x.device.type
+        autocast = (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+                    and x.dtype != torch.float64)  # autocast leaves fp64 alone, as for nn.Linear
+        if autocast:
             # Custom ops bypass autocast: cast here; the casts keep fp32 master weights trainable.
-            dtype = torch.get_autocast_dtype(x.device.type)
+            dtype = torch.get_autocast_dtype(device)
             x, *params = (None if t is None else t.to(dtype) for t in (x, *params))
         elif x.dtype != self.A.dtype:
             raise TypeError(f"SLLinear input dtype {x.dtype} differs from its parameters' {self.A.dtype}; "

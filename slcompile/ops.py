@@ -18,6 +18,7 @@ Ops (opaque to Dynamo/Inductor, so ``torch.compile(fullgraph=True)`` keeps them 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -27,12 +28,29 @@ __all__ = ["grad_weight_and_values", "materialize", "materialized_backward", "ma
            "materialized_weight", "sl_linear", "sl_linear_backward"]
 
 
+def autocast_off(body):
+    """``body(tensor, ...)`` run with autocast off on its first argument's device: the ops are
+    opaque to autocast (``SLLinear`` casts their operands), so the products inside must compute
+    in the operands' dtype (MKL's sparse kernels have no bf16; the fake implementations promise
+    the operands' dtype)."""
+    @functools.wraps(body)
+    def run(*args, **kwargs):
+        device = args[0].device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return body(*args, **kwargs)
+        return body(*args, **kwargs)
+
+    return run
+
+
 def scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
     """``scale * a @ b`` as one GEMM (BLAS alpha; ``mm().mul_(float)`` costs a pass and a wrapped
     scalar: ~2.5 us more per call at small shapes on CPU). ``beta=0`` ignores the dummy input."""
     return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scale)
 
 
+@autocast_off
 def materialized_weight(A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float) -> Tensor:
     """The torch body of ``slcompile::materialize`` (see there): ``S`` scattered into zeros, then
     ``scale * B @ A`` accumulated onto it by the GEMM itself (beta=1)."""
@@ -84,6 +102,7 @@ def _materialize_backward(ctx, grad_w):
 materialize.register_autograd(_materialize_backward, setup_context=_materialize_setup_context)
 
 
+@autocast_off
 def materialized_forward(x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float,
                          bias: Optional[Tensor] = None, form_weight=materialize) -> Tensor:
     """The body of ``sl_linear``; ``form_weight(A, B, values, support, scale) -> W``."""
@@ -109,6 +128,7 @@ def _(x, A, B, values, support, scale, bias=None):
     return x.new_empty(*x.shape[:-1], B.shape[0])
 
 
+@autocast_off
 def materialized_backward(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor,
                           scale: float, need_dx: bool, grad_weight=grad_weight_and_values, form_weight=materialize
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -52,7 +52,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from slcompile.ops import make_backward, scaled_mm, setup_context, unflatten_rows
+from slcompile.ops import autocast_off, make_backward, scaled_mm, setup_context, unflatten_rows
 from slcompile.support import derived_index
 
 __all__ = ["SparseIndex", "SparseProducts", "TORCH_SPARSE", "factored_backward", "factored_forward",
@@ -130,6 +130,13 @@ def sparse_index(support: Tensor, out_features: int, in_features: int) -> Sparse
 
 def _build_sparse_index(support: Tensor, out_features: int, in_features: int) -> SparseIndex:
     flat = support.reshape(-1).long()
+    # The CSR is built unchecked: a bad index would be dropped silently (materialize raises).
+    numel = out_features * in_features
+    if flat.numel() and flat.device.type != "meta":
+        low, high = int(flat.min()), int(flat.max())
+        if low < 0 or high >= numel:
+            raise IndexError(f"support has indices outside [0, {numel}) for a ({out_features}, {in_features}) "
+                             f"weight: min {low}, max {high}")
     order = None
     if flat.numel() > 1 and not bool((flat[1:] >= flat[:-1]).all()):
         flat, order = torch.sort(flat, stable=True)
@@ -191,6 +198,7 @@ def _torch_sampled(index: SparseIndex, support: Tensor, g2d: Tensor, x2d: Tensor
 TORCH_SPARSE = SparseProducts(_torch_s_x, _torch_dy_s, _torch_sampled)
 
 
+@autocast_off
 def factored_forward(x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float,
                      bias: Optional[Tensor], sparse: SparseProducts) -> Tensor:
     """The body of ``sl_linear_factored`` with the sparse products of ``sparse``."""
@@ -203,6 +211,7 @@ def factored_forward(x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: T
     return unflatten_rows(y, x.shape[:-1])
 
 
+@autocast_off
 def factored_backward(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor,
                       scale: float, need_dx: bool, sparse: SparseProducts) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The body of ``sl_linear_factored_backward`` with the sparse products of ``sparse``."""

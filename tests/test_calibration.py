@@ -67,3 +67,30 @@ def test_first_auto_call_under_cpu_autocast_calibrates_in_fp32(monkeypatch):
     finally:
         calibration.runtime_device.cache_clear()
         cost_model.choose_path_for_call.cache_clear()
+
+
+def test_first_auto_call_under_a_dispatch_mode_calibrates_outside_it(monkeypatch):
+    """Fake tensors (calibration would crash on them) and FLOP counters (would count and slow
+    down the micro-benchmarks, and their rates would stay cached) never see the calibration."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from slcompile import SLLinear
+
+    monkeypatch.delenv("SLCOMPILE_CALIBRATE", raising=False)
+    layer, x = SLLinear(512, 512, rank=128, density=0.03), torch.randn(8, 512)
+    try:
+        calibration.runtime_device.cache_clear()
+        cost_model.choose_path_for_call.cache_clear()
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            assert layer(mode.from_tensor(x)).shape == (8, 512)
+        calibration.runtime_device.cache_clear()
+        cost_model.choose_path_for_call.cache_clear()
+        with FlopCounterMode(display=False) as first:
+            layer(x)
+        with FlopCounterMode(display=False) as warm:  # calibrated and memoized now
+            layer(x)
+        assert first.get_total_flops() == warm.get_total_flops()
+    finally:
+        calibration.runtime_device.cache_clear()
+        cost_model.choose_path_for_call.cache_clear()

@@ -172,9 +172,11 @@ def test_custom_ops_run_where_the_eager_fast_path_does_not_apply():
         torch.testing.assert_close(y, y_op)
         for got, want in zip(grads, grads_op):
             torch.testing.assert_close(got, want)
-        with pytest.raises(RuntimeError, match="no autograd formula|does not require grad"):  # no double backward
-            g = torch.autograd.grad(layer(x).sum(), x, create_graph=True)[0]
-            torch.autograd.grad(g.sum(), x)
+        # No double backward: differentiating the gradients raises, never treats them as constants.
+        g = torch.autograd.grad(layer(x).sum(), x, create_graph=True)[0]
+        assert g.requires_grad
+        with pytest.raises(RuntimeError, match="no autograd formula"):
+            (g.square().sum() + layer(x).sum()).backward()
 
 
 @pytest.mark.parametrize("path", ["materialize", "factored"])
@@ -203,6 +205,16 @@ def test_output_can_be_modified_in_place_like_nn_linear(path, route):
     torch.testing.assert_close(grad_x, want_x)
 
 
+@pytest.mark.parametrize("path", ["materialize", "factored"])
+@pytest.mark.parametrize("bad", [-1, 8 * 16])
+def test_a_support_index_out_of_range_raises_on_both_paths(path, bad):
+    layer = SLLinear(16, 8, rank=2, density=0.2, path=path)
+    with torch.no_grad():
+        layer.support[3] = bad  # e.g. garbage left by to_empty() without reset_parameters()
+    with pytest.raises(IndexError, match="out of range|outside"):
+        layer(torch.randn(4, 16))
+
+
 def test_bad_inputs_are_clear():
     layer = SLLinear(8, 4, rank=2)
     with pytest.raises(ValueError, match=r"expects input \(\.\.\., 8\), got shape \(3, 7\)"):
@@ -221,14 +233,43 @@ def test_bad_inputs_are_clear():
         SLLinear(8, 16, rank=2, dtype=torch.int8)
 
 
-def test_autocast_computes_in_low_precision_with_fp32_master_weights():
-    layer = SLLinear(16, 8, rank=4)
-    x = torch.randn(5, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["materialize", "factored"])
+def test_autocast_computes_in_low_precision_with_fp32_master_weights(path, dtype):
+    """On both paths (the factored one's MKL sparse products have no bf16: the op runs with
+    autocast off on cast operands), for the layer and for the op called directly."""
+    from slcompile import ops, ops_factored
+
+    layer = _randomized(SLLinear(48, 40, rank=4, density=0.1, path=path), 3).float()
+    x = torch.randn(5, 48)
+    with torch.autocast("cpu", dtype=dtype):
         y = layer(x)
-    assert y.dtype == torch.bfloat16
+    assert y.dtype == dtype
     y.float().sum().backward()
     assert layer.A.grad.dtype == torch.float32 and layer.values.grad.dtype == torch.float32
+    want = x.double() @ layer.dense_weight().double().t() + layer.bias.double()
+    assert_close_to_reference(y, want, dtype, 48, f"{path} {dtype}")
+    op = {"materialize": ops.sl_linear, "factored": ops_factored.sl_linear_factored}[path]
+    with torch.autocast("cpu", dtype=dtype):  # the op is opaque to autocast: fp32 in, fp32 out
+        direct = op(x, layer.A, layer.B, layer.values, layer.support, layer.scale, layer.bias)
+    assert direct.dtype == torch.float32
+    assert_close_to_reference(direct, want, torch.float32, 48, f"direct {path}")
+
+
+def test_autocast_leaves_float64_alone_like_nn_linear():
+    layer = SLLinear(8, 4, rank=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="differs from its parameters"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("path", ["auto", "materialize", "factored"])
+def test_forward_and_backward_on_the_meta_device(path):
+    with torch.device("meta"):
+        layer = SLLinear(16, 8, rank=4, path=path)
+        x = torch.randn(5, 16, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+    assert y.shape == (5, 8) and y.device.type == "meta" and x.grad.shape == x.shape
 
 
 def test_meta_device_allocates_nothing_and_materializes_like_a_fresh_layer():
