@@ -19,7 +19,10 @@ def _check_patterns(field: str, value) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         value = (value,)
-    value = tuple(value)
+    try:
+        value = tuple(value)
+    except TypeError:
+        raise ValueError(f"SLConfig.{field} must be a string or a sequence of strings, got {value!r}") from None
     for pattern in value:
         if not isinstance(pattern, str) or not pattern:
             raise ValueError(f"SLConfig.{field} must hold non-empty strings (names or regexes), got {pattern!r}")

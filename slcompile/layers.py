@@ -157,9 +157,13 @@ class SLLinear(nn.Module):
 
     def _check_loaded_support(self, key: str, support: Tensor) -> None:
         """Refuse a corrupt support before it overwrites the current one."""
-        if support.shape != (self.nnz,) or support.is_floating_point():
+        if support.is_floating_point() or support.dim() != 1:
             raise ValueError(f"corrupt checkpoint: {key} has shape {tuple(support.shape)} and dtype "
                              f"{support.dtype}, expected ({self.nnz},) integer")
+        if support.numel() != self.nnz:
+            raise ValueError(f"checkpoint does not match this layer: {key} has shape {tuple(support.shape)}, "
+                             f"expected ({self.nnz},) (density {self.density} of {self.out_features} x "
+                             f"{self.in_features}); saved from a layer with another density or shape, or corrupt")
         numel = self.in_features * self.out_features
         if self.nnz and (int(support.min()) < 0 or int(support.max()) >= numel):
             raise ValueError(f"corrupt checkpoint: {key} has indices outside [0, {numel})")

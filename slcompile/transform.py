@@ -82,7 +82,8 @@ class TransformReport:
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Elements of ``model``'s parameters (a lazy module's uninitialized ones count 0)."""
+    return sum(0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel() for p in model.parameters())
 
 
 def shared_weights(model: nn.Module) -> tuple[set[int], set[int]]:
@@ -124,6 +125,8 @@ def linear_keep_reason(name: str, weight: torch.Tensor, cfg: SLConfig, tied: set
 
 def linear_wrapped_reason(linear: nn.Linear) -> str | None:
     """Why the ``nn.Linear`` module ``linear`` cannot be swapped (another tool uses it), or None."""
+    if isinstance(linear.weight, nn.parameter.UninitializedParameter):
+        return "lazy module not initialized yet (run one forward pass first)"
     if isinstance(linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return "used through its .weight by nn.MultiheadAttention"
     if parametrize.is_parametrized(linear):

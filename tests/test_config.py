@@ -34,6 +34,8 @@ def test_defaults_follow_the_paper():
     ({"rank": 4, "targets": ()}, "targets"),
     ({"rank": 4, "targets": ("",)}, "targets"),
     ({"rank": 4, "exclude": (3,)}, "exclude"),
+    ({"rank": 4, "targets": 123}, "targets"),
+    ({"rank": 4, "head_names": 0}, "head_names"),
     ({"rank": 4, "path": "dense"}, "path"),
 ])
 def test_bad_values_name_the_field(kwargs, field):

@@ -85,6 +85,18 @@ def test_tied_shared_wrapped_and_mha_linears_are_kept():
     model.attn(x, x, x)  # still works
     with pytest.raises(ValueError, match="selects 'extra'.*cannot be replaced: weight shared"):
         slcompile.transform(model, SLConfig(rank=2, targets=("extra",)))
+    model.lazy = nn.LazyLinear(16)
+    _, report = slcompile.transform(model, SLConfig(rank=2))
+    assert "lazy module not initialized" in report.kept["lazy"]
+    with pytest.raises(ValueError, match="selects 'lazy'.*cannot be replaced: lazy module"):
+        slcompile.transform(model, SLConfig(rank=2, targets=("lazy",)))
+
+
+def test_a_head_is_kept_by_default_and_replaced_when_targeted():
+    _, report = slcompile.transform(TinyLM(), SLConfig(rank=2))
+    assert report.kept["lm_head"] == "output head (SLConfig.head_names)"
+    model, report = slcompile.transform(TinyLM(), SLConfig(rank=2, targets=("lm_head",)))
+    assert [r.name for r in report.replaced] == ["lm_head"]
 
 
 def test_idempotent_and_no_eligible_layer():
