@@ -5,6 +5,7 @@ Public API (DESIGN.md section 2): :class:`SLConfig`, :class:`SLLinear`, :func:`t
 """
 from slcompile import ops  # noqa: F401  (registers the slcompile:: custom ops)
 from slcompile import ops_factored  # noqa: F401  (the factored, few-token path of the op)
+from slcompile import flops  # noqa: F401  (FLOP formulas of the ops for FlopCounterMode)
 from slcompile import optim  # noqa: F401  (slcompile.optim.build; torchao loads lazily)
 from slcompile.config import SLConfig
 from slcompile.layers import SLLinear, reset_sl_parameters
