@@ -24,7 +24,8 @@ arguments. Our options (:data:`DEFAULT_OPTIONS`):
   measured on the machine, :mod:`slcompile.calibration`; on CUDA the ``h200-triton`` preset,
   whose margin 0.8 leaves factored to very few tokens, e.g. decoding). On CPU
   (``benchmarks/layer_bench.py``, one decoder layer's linears, fwd+bwd) it took the compiled
-  60M layer from 1.72x/1.19x ``nn.Linear`` to 0.73x/0.71x at 256/1024 tokens. Off: every
+  60M layer from 1.72x/1.17x ``nn.Linear`` to 0.94x/0.87x at 256/1024 tokens (one noisy run; an
+  earlier one measured 0.73x/0.71x). Off: every
   ``sl_linear`` stays materialized (what ``fuse_shared_input`` needs to find groups).
 
 Every other key is an Inductor config option (``torch._inductor.list_options()``), applied with
