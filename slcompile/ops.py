@@ -18,6 +18,7 @@ Ops (opaque to Dynamo/Inductor, so ``torch.compile(fullgraph=True)`` keeps them 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -28,18 +29,22 @@ __all__ = ["grad_weight_and_values", "materialize", "materialized_backward", "ma
            "materialized_weight", "sl_linear", "sl_linear_backward"]
 
 
+def autocast_disabled(device_type: str):
+    """A context with autocast off on ``device_type`` (a no-op context where it is off already):
+    the ops are opaque to autocast (``SLLinear`` casts their operands), so the products inside
+    must compute in the operands' dtype (MKL's sparse kernels have no bf16; the fake
+    implementations promise the operands' dtype)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def autocast_off(body):
-    """``body(tensor, ...)`` run with autocast off on its first argument's device: the ops are
-    opaque to autocast (``SLLinear`` casts their operands), so the products inside must compute
-    in the operands' dtype (MKL's sparse kernels have no bf16; the fake implementations promise
-    the operands' dtype)."""
+    """``body(tensor, ...)`` run under :func:`autocast_disabled` on its first argument's device."""
     @functools.wraps(body)
     def run(*args, **kwargs):
-        device = args[0].device.type
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):
-                return body(*args, **kwargs)
-        return body(*args, **kwargs)
+        with autocast_disabled(args[0].device.type):
+            return body(*args, **kwargs)
 
     return run
 
@@ -50,7 +55,6 @@ def scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
     return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scale)
 
 
-@autocast_off
 def materialized_weight(A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float) -> Tensor:
     """The torch body of ``slcompile::materialize`` (see there): ``S`` scattered into zeros, then
     ``scale * B @ A`` accumulated onto it by the GEMM itself (beta=1)."""
@@ -66,7 +70,8 @@ def materialize(A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: fl
     Shapes: ``A (r, in)``, ``B (out, r)``, ``values (nnz,)``, ``support (nnz,)`` int32 flat
     indices into ``(out, in)``. Returns ``(out, in)`` in the parameters' dtype.
     """
-    return materialized_weight(A, B, values, support, scale)
+    with autocast_disabled(A.device.type):
+        return materialized_weight(A, B, values, support, scale)
 
 
 @materialize.register_fake
@@ -95,7 +100,8 @@ def _materialize_setup_context(ctx, inputs, output):
 def _materialize_backward(ctx, grad_w):
     A, B, support = ctx.saved_tensors
     grad_w = grad_w.contiguous()
-    grad_a, grad_b = _low_rank_grads(grad_w, A, B, ctx.scale)
+    with autocast_disabled(A.device.type):
+        grad_a, grad_b = _low_rank_grads(grad_w, A, B, ctx.scale)
     return grad_a, grad_b, grad_w.view(-1).index_select(0, support), None, None
 
 
