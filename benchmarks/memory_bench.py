@@ -1,7 +1,7 @@
 """Peak memory of one training step, measured, next to the sympy model (``slcompile.memory``).
 
 For each model config and each method below it trains a few steps (default 3) of the project's
-LLaMA (:class:`slcompile.models.llama.Llama`, loss computed in the model) on random tokens and
+LLaMA (:class:`slcompile.recipes.models.llama.Llama`, loss computed in the model) on random tokens and
 measures the last step (``forward``, ``backward``, ``optimizer.step()``, ``zero_grad``), where
 every optimizer state already exists. Methods (the paper's memory figure, plus reference points):
 
@@ -72,8 +72,8 @@ from layer_cpu import allocation_events, machine_info, quiet_stderr  # noqa: E40
 import slcompile  # noqa: E402
 from slcompile import memory  # noqa: E402
 from slcompile.layers import reset_sl_parameters  # noqa: E402
-from slcompile.models.config import get_config  # noqa: E402
-from slcompile.models.llama import Llama  # noqa: E402
+from slcompile.model_configs import get_config  # noqa: E402
+from slcompile.recipes.models.llama import Llama  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -454,7 +454,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     default = GPU_DEFAULT if cuda else CPU_DEFAULT
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=default["configs"],
-                        help="comma-separated name:BATCHxSEQ (llama-* names of slcompile.models.config)")
+                        help="comma-separated name:BATCHxSEQ (llama-* names of slcompile.model_configs)")
     parser.add_argument("--dtypes", default=default["dtypes"], help="comma-separated: fp32, bf16")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated among {', '.join(METHODS)}")
     parser.add_argument("--steps", type=int, default=3, help="training steps; the last one is measured (>= 2)")

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from layer_cpu import machine_info  # noqa: E402
 
 from slcompile import calibration, cost_model, eager, ops, ops_factored  # noqa: E402
-from slcompile.models.config import get_config  # noqa: E402
+from slcompile.model_configs import get_config  # noqa: E402
 from slcompile.support import generate_support, nnz_for  # noqa: E402
 
 PATHS = ("materialize", "factored")

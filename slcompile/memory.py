@@ -6,7 +6,7 @@ Everything here is arithmetic on the model's shape: no tensors are allocated.
 - :func:`memory_model` returns a :class:`MemoryBreakdown` of sympy expressions in bytes, symbolic
   in batch ``b``, sequence ``s`` and the shape (``dim``, ``intermediate``, ``layers``, ``vocab``,
   ``heads``, ``rank``, ``density``), for ``full`` / ``lowrank`` / ``sltrain`` training of the LLaMA
-  in :mod:`slcompile.models` with AdamW.
+  in :mod:`slcompile.recipes.models` with AdamW.
 - :func:`evaluate` and :func:`estimate` turn it into numbers; :func:`plan` solves the peak for the
   largest micro-batch that fits a budget; :func:`plan_settings` lists the settings that fit.
 
@@ -44,7 +44,7 @@ What the model assumes (each term's code comment says what it counts and why):
   requantization buffers of an int8 weight.
 - Activations (``compute_dtype``, bf16 or fp32; fp32 weights with bf16 compute mean autocast,
   whose bf16 weight copies saved for backward are not counted) are what autograd saves in
-  :class:`slcompile.models.llama.Llama`: RMSNorm with fp32 statistics (saves an fp32 copy of its
+  :class:`slcompile.recipes.models.llama.Llama`: RMSNorm with fp32 statistics (saves an fp32 copy of its
   input, ``rstd`` and the normalized tensor; a fused RMSNorm kernel saving only its input and
   ``rstd`` would save ``4 + c`` bytes less per token and feature, ``c`` the compute dtype's
   bytes), RoPE with constant ``cos``/``sin`` (saves nothing per token), SDPA with
@@ -127,7 +127,7 @@ from typing import Mapping, Union
 
 import sympy
 
-from slcompile.models.config import LlamaConfig, get_config
+from slcompile.model_configs import LlamaConfig, get_config
 from slcompile.optim.lowbit import BLOCK_SIZES, MIN_QUANTIZED_NUMEL, state_numel
 from slcompile.support import nnz_for
 
@@ -464,7 +464,7 @@ def _memory_model(method: str, per_layer: bool, state_bits: int, weight_dtype: s
     optimizer_states = sum(t.count * state_bytes(t) for t in tensors)
     all_gradients = elem * total_numel
 
-    # Saved by autograd in one decoder layer of slcompile.models.llama. Each RMSNorm (statistics in
+    # Saved by autograd in one decoder layer of slcompile.recipes.models.llama. Each RMSNorm (statistics in
     # fp32) saves an fp32 copy of its input (in fp32: the input itself), the fp32 rstd per token
     # and its normalized output cast to the compute dtype (for the weight's gradient); its output
     # is saved by the linears it feeds. In the compute dtype: both norms' normalized tensors and

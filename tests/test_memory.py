@@ -1,6 +1,6 @@
 """Tests of slcompile.memory: exact parameter counts, the symbolic model's shape, the planner, and
 a check of parameter / support / gradient / AdamW-state / activation bytes against the project's
-LLaMA (slcompile.models.llama) and SLLinear."""
+LLaMA (slcompile.recipes.models.llama) and SLLinear."""
 import itertools
 import os
 
@@ -16,8 +16,8 @@ import slcompile
 from slcompile import memory
 from slcompile.memory import (estimate, evaluate, memory_model, param_count, plan, plan_settings,
                               shape_values)
-from slcompile.models.config import get_config
-from slcompile.models.llama import Llama
+from slcompile.model_configs import get_config
+from slcompile.recipes.models.llama import Llama
 
 # REFERENCE.md section 3, millions of parameters.
 PAPER_COUNTS = {

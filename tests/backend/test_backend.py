@@ -19,8 +19,8 @@ from torch import nn
 
 import slcompile
 import slcompile.backend as backend
-from slcompile.models.config import get_config
-from slcompile.models.llama import DecoderLayer
+from slcompile.model_configs import get_config
+from slcompile.recipes.models.llama import DecoderLayer
 
 pytestmark = pytest.mark.compile
 ROOT = Path(__file__).resolve().parents[2]

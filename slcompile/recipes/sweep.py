@@ -1,8 +1,8 @@
-"""Learning-rate sweep per method in one harness: ``python -m slcompile.sweep ...``.
+"""Learning-rate sweep per method in one harness: ``python -m slcompile.recipes.sweep ...``.
 
 Trains every ``(method, lr)`` pair with otherwise identical settings and picks, per method, the
 learning rate with the lowest final validation loss. Writes ``sweep.json`` (all results and the
-best lr per method) to ``--out``; ``slcompile.demo`` reads it so that no method is compared at a
+best lr per method) to ``--out``; ``slcompile.recipes.demo`` reads it so that no method is compared at a
 learning rate tuned for another.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from slcompile.train import METHODS, TrainConfig, train
+from slcompile.recipes.train import METHODS, TrainConfig, train
 
 
 def sweep(base: TrainConfig, methods: list[str], lrs: list[float], out: Path) -> dict:
@@ -38,7 +38,7 @@ def sweep(base: TrainConfig, methods: list[str], lrs: list[float], out: Path) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m slcompile.sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m slcompile.recipes.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="sltrain,full,lowrank,lowrank-b0")
     parser.add_argument("--lrs", default="1e-3,3e-3,1e-2")
     parser.add_argument("--model", default="llama-mini")

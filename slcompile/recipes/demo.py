@@ -2,7 +2,7 @@
 
 Each method trains the same small LLaMA on the same tokens with the same seed, at its own best
 learning rate from a committed sweep (``benchmarks/results/demo_sweep.json``, reproduced by
-``python -m slcompile.demo --sweep``). Each run is a separate process so that its peak memory is
+``python -m slcompile.recipes.demo --sweep``). Each run is a separate process so that its peak memory is
 its own. Writes ``OUT/`` (one directory per method with JSONL logs, plus ``table.md``,
 ``table.json`` and ``val_curves.png``) and prints the table.
 
@@ -20,10 +20,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from slcompile.compare import compare, markdown
-from slcompile.data import load_text_data
-from slcompile.sweep import sweep
-from slcompile.train import TrainConfig
+from slcompile.recipes.compare import compare, markdown
+from slcompile.recipes.data import load_text_data
+from slcompile.recipes.sweep import sweep
+from slcompile.recipes.train import TrainConfig
 
 PRESETS = {
     # llama-mini: dim 128, 4 layers, rank 32, alpha/r = 0.25 as the paper at 60M; 0.5M tokens.
@@ -45,20 +45,20 @@ def best_learning_rates(path: Path) -> dict[str, float]:
     settings = {k: report["settings"].get(k) for k in demo}
     if settings != demo:
         raise ValueError(f"{path} was swept with other settings ({settings}, demo uses {demo}): "
-                         "rerun `python -m slcompile.demo --sweep`")
+                         "rerun `python -m slcompile.recipes.demo --sweep`")
     return report["best_lr"]
 
 
 def train_command(settings: dict, method: str, lr: float, out: Path, threads: int | None) -> list[str]:
     every = max(1, settings["steps"] // EVAL_POINTS)
-    cmd = [sys.executable, "-m", "slcompile.train", "--method", method, "--lr", str(lr), "--out", str(out),
+    cmd = [sys.executable, "-m", "slcompile.recipes.train", "--method", method, "--lr", str(lr), "--out", str(out),
            "--eval-every", str(every), "--checkpoint-every", str(every), "--no-progress"]
     cmd += [arg for key, value in settings.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
     return cmd + (["--threads", str(threads)] if threads else [])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m slcompile.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m slcompile.recipes.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="demo")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/<preset>")
     parser.add_argument("--methods", default=",".join(METHODS))

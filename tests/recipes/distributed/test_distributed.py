@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from slcompile import distributed
-from slcompile.distributed import DistContext
-from slcompile.train import TrainConfig, build_model, evaluate, train
+from slcompile.recipes import distributed
+from slcompile.recipes.distributed import DistContext
+from slcompile.recipes.train import TrainConfig, build_model, evaluate, train
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -55,11 +55,11 @@ def _free_port() -> int:
 
 
 def torchrun(nproc: int, args: list[str], cache: Path, fault: str = "") -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node nproc`` of ``slcompile.train`` (through ``rank_main.py`` when a fault
+    """``torchrun --nproc_per_node nproc`` of ``slcompile.recipes.train`` (through ``rank_main.py`` when a fault
     is injected); the whole process group is killed after ``TIMEOUT_S``."""
     env = {**os.environ, "SLCOMPILE_CACHE": str(cache), "OMP_NUM_THREADS": "1", "SLCOMPILE_TEST_FAULT": fault,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    target = [str(HERE / "rank_main.py")] if fault else ["-m", "slcompile.train"]
+    target = [str(HERE / "rank_main.py")] if fault else ["-m", "slcompile.recipes.train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *target, *args]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -208,7 +208,7 @@ def test_checkpoint_of_two_ranks_resumes_on_one_and_on_two(single, cache, tmp_pa
     cfg = TrainConfig(**TINY, steps=6)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SLCOMPILE_CACHE", str(cache))
-        from slcompile.data import load_text_data
+        from slcompile.recipes.data import load_text_data
         data = load_text_data(cfg.corpora, cfg.vocab_size, seq_len=cfg.seq_len)
     from slcompile import merge
     dense = merge(build_model(cfg, data.vocab_size)[0])

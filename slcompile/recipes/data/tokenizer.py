@@ -5,18 +5,17 @@ added prefix space), so ``decode(encode(text)) == text`` for any unicode text.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import uuid
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from slcompile.data.corpora import Document, content_hash
+from slcompile.recipes.data.corpora import Document, content_hash
+from slcompile.recipes.files import atomic_path
 
 EOS = "<|endoftext|>"
 # Bump when the training recipe below changes, so cached tokenizers are retrained.
@@ -26,23 +25,6 @@ TOKENIZER_VERSION = 1
 def cache_dir() -> Path:
     """Cache root: ``$SLCOMPILE_CACHE`` if set, else ``.cache/slcompile`` in the working directory."""
     return Path(os.environ.get("SLCOMPILE_CACHE", Path.cwd() / ".cache" / "slcompile"))
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success move it onto ``path`` in one step.
-
-    Readers (or a concurrent process, e.g. another data-parallel rank) never see a partial file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name per writer, not mkstemp: the writer creates it with the usual (umask) mode.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:

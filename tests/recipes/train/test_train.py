@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from slcompile.compare import compare
-from slcompile.schedule import warmup_cosine
-from slcompile.sweep import sweep
-from slcompile.train import TrainConfig, build_model, main, train
+from slcompile.recipes.compare import compare
+from slcompile.recipes.schedule import warmup_cosine
+from slcompile.recipes.sweep import sweep
+from slcompile.recipes.train import TrainConfig, build_model, main, train
 
 TINY = {"model": "llama-tiny", "corpora": ("wiki",), "vocab_size": 512, "batch_size": 4, "seq_len": 32,
         "progress": False, "log_every": 1}
@@ -64,7 +64,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
             "--seq-len", "32", "--steps", "60", "--log-every", "1", "--eval-every", "30", "--checkpoint-every", "5",
             "--lr", "3e-3", "--no-progress", "--threads", "1"]
     env = dict(os.environ)
-    cmd = [sys.executable, "-m", "slcompile.train", *args]
+    cmd = [sys.executable, "-m", "slcompile.recipes.train", *args]
     subprocess.run(cmd + ["--out", str(tmp_path / "full")], check=True, env=env, capture_output=True)
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen(cmd + ["--out", str(killed_dir)], env=env, stdout=subprocess.DEVNULL,

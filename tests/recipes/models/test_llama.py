@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from slcompile.models.config import get_config
-from slcompile.models.llama import Llama, RMSNorm, count_params
+from slcompile.model_configs import get_config
+from slcompile.recipes.models.llama import Llama, RMSNorm, count_params
 
 TINY = get_config("llama-tiny")
 

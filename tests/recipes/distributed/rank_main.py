@@ -1,4 +1,4 @@
-"""One rank of a distributed test run: ``slcompile.train.main`` plus a fault set by ``SLCOMPILE_TEST_FAULT``.
+"""One rank of a distributed test run: ``slcompile.recipes.train.main`` plus a fault set by ``SLCOMPILE_TEST_FAULT``.
 
 - ``support``: rank 1 changes one support index of ``layers.0.self_attn.q_proj`` after building
   its model (as a rank with another seed or model definition would).
@@ -8,7 +8,7 @@
 import os
 import sys
 
-from slcompile import distributed, train
+from slcompile.recipes import distributed, train
 
 CORRUPTED_LAYER = "layers.0.self_attn.q_proj"
 

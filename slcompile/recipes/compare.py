@@ -1,6 +1,6 @@
-"""Compare training runs: ``python -m slcompile.compare RUN_DIR... --out DIR``.
+"""Compare training runs: ``python -m slcompile.recipes.compare RUN_DIR... --out DIR``.
 
-Reads each run's ``summary.json`` and ``metrics.jsonl`` (written by ``slcompile.train``) and writes
+Reads each run's ``summary.json`` and ``metrics.jsonl`` (written by ``slcompile.recipes.train``) and writes
 ``table.md``, ``table.json`` and ``val_curves.png`` (validation perplexity against tokens) to ``--out``.
 Ratios are to the ``full`` run when one is present.
 """
@@ -16,7 +16,7 @@ def load_run(run_dir: Path) -> dict:
     """A run's summary plus its validation curve ``[(tokens, val_ppl), ...]``."""
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
-        raise ValueError(f"{run_dir} has no summary.json: not a finished slcompile.train run")
+        raise ValueError(f"{run_dir} has no summary.json: not a finished slcompile.recipes.train run")
     run = json.loads(summary_path.read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     run["curve"] = [(r["tokens"], r["val_ppl"]) for r in records if "val_ppl" in r]
@@ -90,8 +90,8 @@ def compare(run_dirs: list[Path], out: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m slcompile.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories of slcompile.train")
+    parser = argparse.ArgumentParser(prog="python -m slcompile.recipes.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories of slcompile.recipes.train")
     parser.add_argument("--out", type=Path, required=True, help="where to write table.md/json and the plot")
     args = parser.parse_args(argv)
     try:

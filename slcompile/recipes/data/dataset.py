@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from slcompile.data.corpora import Document, content_hash, load_documents
-from slcompile.data.tokenizer import EOS, atomic_path, cache_dir, get_tokenizer, tokenizer_hash
+from slcompile.recipes.data.corpora import Document, content_hash, load_documents
+from slcompile.recipes.data.tokenizer import EOS, cache_dir, get_tokenizer, tokenizer_hash
+from slcompile.recipes.files import atomic_path
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

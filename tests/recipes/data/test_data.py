@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from slcompile.data import corpora, dataset, tokenizer as tokenizer_mod
-from slcompile.data import (EOS, BatchIterator, cache_dir, eval_batches, get_tokenizer, load_corpus,
+from slcompile.recipes.data import corpora, dataset, tokenizer as tokenizer_mod
+from slcompile.recipes.data import (EOS, BatchIterator, cache_dir, eval_batches, get_tokenizer, load_corpus,
                             load_documents, load_text_data, pack, split_documents,
                             tokenize_documents)
-from slcompile.data.corpora import Document, clean_wikitext, strip_gutenberg
+from slcompile.recipes.data.corpora import Document, clean_wikitext, strip_gutenberg
 
 VOCAB = 384  # small: BPE training on the sample below takes well under a second
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from slcompile.models.config import LlamaConfig, get_config
+from slcompile.model_configs import LlamaConfig, get_config
 
 INIT_STD = 0.02  # normal init of linears and embeddings (HF LLaMA's initializer_range)
 
@@ -141,7 +141,7 @@ class Llama(nn.Module):
 
     @classmethod
     def from_name(cls, name: str, device: torch.device | str | None = None, **kwargs) -> Llama:
-        """Build a named config (see ``slcompile.models.config.CONFIGS``) on ``device``
+        """Build a named config (see ``slcompile.model_configs.CONFIGS``) on ``device``
         (``"meta"`` allocates nothing); ``kwargs`` go to the constructor."""
         with torch.device(device) if device is not None else contextlib.nullcontext():
             return cls(get_config(name), **kwargs)

@@ -1,6 +1,6 @@
 """Data-parallel training under ``torchrun``: DDP or FSDP2, sharded checkpoints, safetensors export.
 
-``torchrun --nproc_per_node N -m slcompile.train --parallel ddp|fsdp2 ...`` runs one process per
+``torchrun --nproc_per_node N -m slcompile.recipes.train --parallel ddp|fsdp2 ...`` runs one process per
 rank: gloo on CPU, NCCL (one GPU per rank, ``cuda:LOCAL_RANK``) when CUDA is available.
 
 - Supports: every rank builds the model from the same seed, so each ``SLLinear`` support (derived
@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from slcompile.data.tokenizer import atomic_path
+from slcompile.recipes.files import atomic_path
 from slcompile.layers import SLLinear
 
 PARALLEL_MODES = ("none", "ddp", "fsdp2")
@@ -135,7 +135,7 @@ def process_group(parallel: str, timeout_s: float = 1800.0) -> Iterator[DistCont
     missing = [name for name in TORCHRUN_VARS if name not in os.environ]
     if missing and not dist.is_initialized():
         raise ValueError(f"--parallel {parallel} needs the torchrun environment (missing {', '.join(missing)}): "
-                         f"launch with `torchrun --nproc_per_node N -m slcompile.train --parallel {parallel} ...`")
+                         f"launch with `torchrun --nproc_per_node N -m slcompile.recipes.train --parallel {parallel} ...`")
     owned = not dist.is_initialized()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
