@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-DEFAULT_HEAD_NAMES = ("lm_head", "output")
+DEFAULT_HEAD_NAMES = ("lm_head", "output", "embed_out", "score", "classifier", "qa_outputs", "head")
 PATH_CHOICES = ("auto", "materialize", "factored")
 
 

@@ -15,6 +15,56 @@ from slcompile.support import generate_support, nnz_for
 _PLAIN = (Tensor, nn.Parameter)  # tensor types the eager CPU fast path takes (no subclass dispatch)
 
 
+# What a tensor answers without data: SLWeight runs these on itself, everything else on the dense W.
+_METADATA = {Tensor.dtype.__get__, Tensor.device.__get__, Tensor.shape.__get__, Tensor.ndim.__get__,
+             Tensor.requires_grad.__get__, Tensor.is_cuda.__get__, Tensor.layout.__get__, Tensor.size, Tensor.dim,
+             Tensor.numel, Tensor.is_floating_point, Tensor.is_complex, Tensor.element_size}
+
+
+class SLWeight(Tensor):
+    """``SLLinear.weight``: a storage-less ``(out, in)`` tensor standing for ``W = scale * B @ A + S``.
+
+    Metadata reads (``dtype``, ``device``, ``shape``/``size()``, ``ndim``/``dim()``, ``requires_grad``,
+    ``numel()``, ``is_floating_point()``, ``element_size()``) answer from the layer and cost nothing.
+    Any other use (an op, ``F.linear(x, w)``, ``.data``, ``.detach()``, ``.float()``, printing) runs on
+    the dense ``W`` formed for that use: one ``(out, in)`` tensor and a rank-``r`` GEMM each time,
+    differentiable into ``A``, ``B`` and ``values``. In-place writes raise: the layer's trainable
+    state is ``A``, ``B`` and ``values``.
+    """
+
+    layer: "SLLinear"
+
+    @staticmethod
+    def __new__(cls, layer: "SLLinear") -> "SLWeight":
+        params = (layer.A, layer.B, layer.values)
+        view = Tensor._make_wrapper_subclass(cls, (layer.out_features, layer.in_features), dtype=layer.A.dtype,
+                                             device=layer.A.device, requires_grad=any(p.requires_grad for p in params))
+        view.layer = layer
+        return view
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        written = args[0] if args else next(iter(kwargs.values()), None)  # nn.init passes tensor=
+        if (name.endswith("_") and not name.endswith("__") or name.startswith("__i") or name == "__set__") \
+                and isinstance(written, cls):
+            raise RuntimeError(f"SLLinear.weight is W = scale * B @ A + S, formed on use: in-place {name} cannot "
+                               "change it; change the layer's A, B or values (or merge the model first)")
+        args, kwargs = torch.utils._pytree.tree_map_only(cls, lambda w: w.layer.dense_weight(), (args, kwargs))
+        return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # Reached only where torch functions are disabled (below autograd): the values, detached.
+        args, kwargs = torch.utils._pytree.tree_map_only(cls, lambda w: w.layer.dense_weight().detach(),
+                                                         (args, kwargs or {}))
+        return func(*args, **kwargs)
+
+
 class SLLinear(nn.Module):
     """Drop-in replacement of ``nn.Linear(in_features, out_features, bias)`` for pretraining.
 
@@ -35,7 +85,13 @@ class SLLinear(nn.Module):
     a device preset; few tokens (decoding, small batches) go factored. Under
     ``torch.compile`` and FX tracing ``"auto"`` traces the materialize op (the backend's
     ``choose_path`` pass decides there, on static shapes).
+
+    ``weight``: for code written against ``nn.Linear`` (``module.weight.dtype``), an :class:`SLWeight`
+    (metadata free, values formed on use); not a parameter or state_dict entry. ``dense_cls``: the
+    module ``slcompile.merge`` gives back (``nn.Linear``, or ``Conv1D`` where ``transform`` replaced one).
     """
+
+    dense_cls: type[nn.Module] = nn.Linear
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int,
                  alpha: float = 32.0, density: float = 0.03, seed: int = 0, path: str = "auto",
@@ -90,6 +146,14 @@ class SLLinear(nn.Module):
         nn.init.uniform_(self.values, -bound, bound)
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def weight(self) -> Tensor:
+        """``W (out, in)``: an :class:`SLWeight` in eager mode; under ``torch.compile`` or FX tracing the
+        dense ``W`` itself (the compiler drops it when only its metadata is read)."""
+        if torch.compiler.is_compiling() or is_fx_symbolic_tracing():
+            return self.dense_weight()
+        return SLWeight(self)
 
     def dense_weight(self) -> Tensor:
         """``W (out, in) = scale * B @ A + S`` in the parameters' dtype (differentiable)."""
