@@ -232,6 +232,10 @@ def default_keep_reasons(model: nn.Module) -> dict[int, str]:
     return reasons
 
 
+# Modules whose parameters are no projection weights (a parametrization's original is reported with its module).
+_NOT_PROJECTIONS = (nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd, parametrize.ParametrizationList)
+
+
 def _projection_like(attr: str, param: torch.Tensor) -> bool:
     """True for a 2-D or stacked 3-D weight with no size-1 dimension whose name does not say embedding or
     token (a class token ``(1, 1, d)`` or position embedding ``(1, n, d)`` is no projection)."""
@@ -271,7 +275,7 @@ def select_linears(model: nn.Module, cfg: SLConfig) -> tuple[list[tuple[str, nn.
             else:
                 kept[name] = reason
             continue
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd)):
+        if isinstance(module, _NOT_PROJECTIONS):
             continue
         for attr, param in module.named_parameters(recurse=False):
             if _projection_like(attr, param) and id(param) not in tied:
