@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from layer_cpu import machine_info  # noqa: E402
 
-from slcompile import calibration, cost_model, eager, ops, ops_factored  # noqa: E402
+from slcompile import cost_model, eager, ops, ops_factored, path_policy  # noqa: E402
 from slcompile.model_configs import get_config  # noqa: E402
 from slcompile.support import generate_support, nnz_for  # noqa: E402
 
@@ -88,7 +88,7 @@ def _features(path: str, mode: str, in_f: int, out_f: int, rank: int, nnz: int, 
     values = {cost_model.N: tokens, cost_model.IN: in_f, cost_model.OUT: out_f, cost_model.R: rank,
               cost_model.NNZ: nnz}
     sums = {"dense": 0.0, "form": 0.0, "sparse": 0.0, "elems": 0.0}
-    kernels = cost_model.kernels(path, mode)
+    kernels = cost_model.path_kernels(path, mode)
     for kernel in kernels:
         unit = "sparse" if kernel.unit in ("spmm", "sddmm") else kernel.unit
         if unit in sums:
@@ -325,8 +325,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    auto_spec = calibration.runtime_device(args.device)  # on CPU measured now, as auto does on first use
-    preset = cost_model.device_for(args.device)
+    auto_spec = path_policy.runtime_device(args.device)  # on CPU measured now, as auto does on first use
+    preset = cost_model.DEVICES["cpu"] if args.device == "cpu" else auto_spec  # off CPU auto uses the preset
     results = []
     for name in args.shapes:
         cfg = get_config(name)

@@ -1,17 +1,13 @@
 """``SLConfig``: what ``transform`` replaces and with which SLTrain settings."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
+from slcompile._validate import check_int, check_number
+
 DEFAULT_HEAD_NAMES = ("lm_head", "output", "embed_out", "score", "classifier", "qa_outputs", "head")
 PATH_CHOICES = ("auto", "materialize", "factored")
-
-
-def _check_finite(field: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"SLConfig.{field} must be a finite number, got {value!r}")
 
 
 def _check_patterns(field: str, value) -> tuple[str, ...]:
@@ -60,20 +56,13 @@ class SLConfig:
         if (self.rank is None) == (self.rank_ratio is None):
             raise ValueError("SLConfig needs exactly one of `rank` (int >= 1) or `rank_ratio` (float in (0, 1]); "
                              f"got rank={self.rank!r}, rank_ratio={self.rank_ratio!r}")
-        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
-            raise ValueError(f"SLConfig.rank must be an int >= 1, got {self.rank!r}")
+        if self.rank is not None:
+            check_int("SLConfig.rank", self.rank, 1)
         if self.rank_ratio is not None:
-            _check_finite("rank_ratio", self.rank_ratio)
-            if not 0 < self.rank_ratio <= 1:
-                raise ValueError(f"SLConfig.rank_ratio must lie in (0, 1], got {self.rank_ratio!r}")
-        _check_finite("alpha", self.alpha)
-        if self.alpha <= 0:
-            raise ValueError(f"SLConfig.alpha must be > 0, got {self.alpha!r}")
-        _check_finite("density", self.density)
-        if not 0 < self.density < 1:
-            raise ValueError(f"SLConfig.density must lie in the open interval (0, 1), got {self.density!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"SLConfig.seed must be an int, got {self.seed!r}")
+            check_number("SLConfig.rank_ratio", self.rank_ratio, 0, 1, open_low=True)
+        check_number("SLConfig.alpha", self.alpha, 0, open_low=True)
+        check_number("SLConfig.density", self.density, 0, 1, open_low=True, open_high=True)
+        check_int("SLConfig.seed", self.seed)
         if self.path not in PATH_CHOICES:
             raise ValueError(f"SLConfig.path must be one of {PATH_CHOICES}, got {self.path!r}")
         targets = None if self.targets is None else _check_patterns("targets", self.targets)

@@ -1,32 +1,38 @@
 """The eager CPU fast path of ``SLLinear``: the custom ops' bodies under a plain ``autograd.Function``.
 
-A call through ``torch.library`` custom ops pays the dispatcher and their autograd wrapper:
-``sl_linear`` forward + backward at an 8 x 8 layer on one CPU core takes ~200 us, this path
-~125 us, the same product in plain differentiable torch ops ~90 us (fixed costs that matter at
-the demo's 128-wide llama-mini, ``benchmarks/layer_cpu.py``). Eager calls on CPU therefore run the very same
-bodies (:func:`slcompile.ops.materialized_forward` / ``materialized_backward``,
-:func:`slcompile.ops_factored.factored_forward` / ``factored_backward`` with the torch sparse
-products) under an ``autograd.Function`` wired by the ops' own ``setup_context`` and
-``make_backward``: same saved tensors (``x`` and the parameters), same results, one call instead
-of three dispatcher hops. On CUDA, under ``torch.compile`` and in FX traces ``SLLinear`` calls
-the custom ops (their CUDA implementations are the Triton kernels of :mod:`slcompile.kernels`;
-Dynamo needs them opaque). Double backward raises, as for the ops.
+A call through ``torch.library`` custom ops pays the dispatcher and their autograd wrapper, a
+fixed cost per call that dominates at small widths (``benchmarks/layer_cpu.py`` times both).
+Eager CPU calls therefore run the very same bodies (:func:`slcompile.ops.materialized_forward`
+/ ``materialized_backward``, :func:`slcompile.ops_factored.factored_forward` /
+``factored_backward``) wired by the ops' own ``setup_context`` and ``make_backward``: same saved
+tensors, same results. Everything :func:`can_run` refuses (CUDA, ``torch.compile``, FX and
+dispatch-mode tracing, functorch transforms, tensor subclasses) calls the custom ops. Double
+backward raises, as for the ops.
 
-The Functions use the ``forward(ctx, ...)`` form, not a separate ``setup_context``: with one,
-``Function.apply`` binds the arguments through ``inspect.signature`` on every call (~30 us per
-fwd+bwd here, more than forming ``W`` at the demo's shapes). That form does not support functorch transforms, which
-``SLLinear`` routes to the custom ops (``vmap`` works there through torch's fallback;
-``torch.func.grad`` does not: ``custom_op`` autograd does not support it).
+The Functions use the ``forward(ctx, ...)`` form: with a separate ``setup_context``,
+``Function.apply`` binds the arguments through ``inspect.signature`` on every call.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+from torch import Tensor, nn
 
 from slcompile import ops, ops_factored
 
-__all__ = ["EagerFactored", "EagerMaterialized"]
+__all__ = ["EagerFactored", "EagerMaterialized", "can_run"]
+
+_PLAIN = (Tensor, nn.Parameter)  # no subclass: its dispatch must see the op
+
+
+def can_run(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether the Functions here may stand in for the custom ops on this call: CPU, plain tensors,
+    nothing compiling, tracing (make_fx, fake or functional tensors) or transforming (vmap, grad)."""
+    # torch has no public query for an active dispatch mode or functorch transform.
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
+            and all(type(t) in _PLAIN for t in (x, *params) if t is not None))
 
 
 class _EagerSLLinear(torch.autograd.Function):

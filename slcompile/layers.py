@@ -7,13 +7,10 @@ import torch
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from slcompile import cost_model, eager, ops, ops_factored
+from slcompile import eager, ops, ops_factored, path_policy
+from slcompile._validate import check_int
 from slcompile.config import SLConfig
 from slcompile.support import generate_support, nnz_for
-
-
-_PLAIN = (Tensor, nn.Parameter)  # tensor types the eager CPU fast path takes (no subclass dispatch)
-
 
 # What a tensor answers without data: SLWeight runs these on itself, everything else on the dense W.
 _METADATA = {Tensor.dtype.__get__, Tensor.device.__get__, Tensor.shape.__get__, Tensor.ndim.__get__,
@@ -79,7 +76,7 @@ class SLLinear(nn.Module):
 
     ``path``: ``"materialize"`` (``slcompile::sl_linear``: form ``W``, one GEMM), ``"factored"``
     (``slcompile::sl_linear_factored``: ``x A^T B^T + x S^T``, no ``(out, in)`` tensor) or
-    ``"auto"``: per call in eager mode, the one :func:`slcompile.cost_model.choose_path_for_call`
+    ``"auto"``: per call in eager mode, the one :func:`slcompile.path_policy.choose_path_for_call`
     estimates cheaper for this token count, device type, dtype and mode (training if a gradient
     will flow, else forward), with rates measured on this CPU (:mod:`slcompile.calibration`) or
     a device preset; few tokens (decoding, small batches) go factored. Under
@@ -98,8 +95,7 @@ class SLLinear(nn.Module):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         for field, size in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"SLLinear.{field} must be an int >= 1, got {size!r}")
+            check_int(f"SLLinear.{field}", size, 1)
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"SLLinear needs a floating-point dtype, got {dtype}")
         # SLConfig owns the validation of rank/alpha/density/seed, so both entry points agree.
@@ -184,7 +180,7 @@ class SLLinear(nn.Module):
     def path_for(self, x: Tensor | None) -> str:
         """``"materialize"`` or ``"factored"``: the path a call on input ``x`` takes. ``self.path``,
         or for ``"auto"`` the cost model's pick for this token count, device, dtype and mode
-        (:func:`slcompile.cost_model.choose_path_for_call`); materialize when tracing (``x`` is
+        (:func:`slcompile.path_policy.choose_path_for_call`); materialize when tracing (``x`` is
         ``None`` or compiling: the backend's ``choose_path`` pass decides there)."""
         if self.path != "auto":
             return self.path
@@ -192,19 +188,15 @@ class SLLinear(nn.Module):
             return "materialize"
         training = torch.is_grad_enabled() and (x.requires_grad or self.A.requires_grad or self.B.requires_grad
                                                 or self.values.requires_grad)
-        return cost_model.choose_path_for_call(x.numel() // self.in_features, self.in_features, self.out_features,
-                                               self.rank, self.nnz, x.device.type,
-                                               "train" if training else "forward", x.element_size())
+        return path_policy.choose_path_for_call(x.numel() // self.in_features, self.in_features, self.out_features,
+                                                self.rank, self.nnz, x.device.type,
+                                                "train" if training else "forward", x.element_size())
 
     def _op(self, x: Tensor | None, *params: Tensor):
-        """What runs this call: the custom op of :meth:`path_for`; eager on CPU with plain tensors
-        and no dispatch mode active (no make_fx, fake or functional tracing), the op's bodies as
-        an ``autograd.Function`` (:mod:`slcompile.eager`: the same computation without the
-        dispatcher's overhead)."""
+        """What runs this call: the custom op of :meth:`path_for`, or where :func:`slcompile.eager.can_run`
+        the same bodies as an ``autograd.Function`` without the dispatcher's overhead."""
         factored = self.path_for(x) == "factored"
-        if (x is not None and x.device.type == "cpu" and not torch.compiler.is_compiling()
-                and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
-                and all(type(t) in _PLAIN for t in (x, *params) if t is not None)):
+        if x is not None and eager.can_run(x, *params):
             return (eager.EagerFactored if factored else eager.EagerMaterialized).apply
         return ops_factored.sl_linear_factored if factored else ops.sl_linear
 

@@ -2,7 +2,7 @@
 
 Everything here is arithmetic on the model's shape: no tensors are allocated.
 
-- :func:`param_count` reproduces the paper's parameter counts (REFERENCE.md section 3) exactly.
+- :func:`param_count` reproduces the paper's parameter counts exactly.
 - :func:`memory_model` returns a :class:`MemoryBreakdown` of sympy expressions in bytes, symbolic
   in batch ``b``, sequence ``s`` and the shape (``dim``, ``intermediate``, ``layers``, ``vocab``,
   ``heads``, ``rank``, ``density``), for ``full`` / ``lowrank`` / ``sltrain`` training of the LLaMA
@@ -10,112 +10,10 @@ Everything here is arithmetic on the model's shape: no tensors are allocated.
 - :func:`evaluate` and :func:`estimate` turn it into numbers; :func:`plan` solves the peak for the
   largest micro-batch that fits a budget; :func:`plan_settings` lists the settings that fit.
 
-What the model assumes (each term's code comment says what it counts and why):
-
-- One device, no data/tensor parallelism, no CPU offload; bytes of live tensors only (no CUDA
-  context, no allocator fragmentation: measured ``max_memory_reserved`` runs higher).
-- Weights (``weight_dtype``): ``bf16`` or ``fp32`` everywhere; ``int8`` stores the tensors of the
-  seven replaceable linears (``W`` or ``A``, ``B``, ``values``) as int8 plus one fp32 scale per row
-  (``weight_scale="row"``: rows of ``W``/``A``/``B``; the 1-D ``values`` form one row) or per tensor,
-  as torchao's int8 weight-only quantized training does; embeddings, head and norms stay in the
-  compute dtype, and gradients of int8 weights come back in the compute dtype.
-- AdamW holds two states per trainable element. ``state_bits=32``: fp32 states; ``16``: states in
-  bf16, what ``torch.optim.AdamW`` keeps for bf16 parameters (the reference's pure-bf16 setting);
-  ``8``/``4``: torchao ``AdamW8bit``/``AdamW4bit`` as ``slcompile.optim`` drives them: a state is
-  quantized when its tensor has >= 4096 elements (torchao also needs a multiple of the block
-  size, 256 for 8-bit and 128 for 4-bit; ``slcompile.optim`` zero-pads other tensors, such as
-  SLTrain's ``values``, to the next multiple, see ``optim.lowbit.state_numel``), and then holds
-  8/4-bit codes over the padded length, one fp32 scale per block and a per-tensor fp32 lookup
-  table (256 / 16 entries); any smaller tensor keeps plain states in its own dtype.
-  The scalar ``step`` counters live on the host and are not counted.
-- Optimizer updates: without ``per_layer`` the whole model's gradients exist before
-  ``optimizer.step()``. For 16/32-bit states that is torch's foreach AdamW (``foreach=True``,
-  torch's default on CUDA), which allocates one state-dtype copy of all parameters
-  (``exp_avg_sq.sqrt()``), or one tensor at a time (``foreach=False``: ``slcompile.optim.build(
-  per_layer=False)``, ``torch.optim.AdamW(foreach=False)``). With ``per_layer`` each parameter
-  is stepped in its post-accumulate-grad hook and its gradient freed, so at most one gradient
-  exists. A single-tensor update (:func:`_update_bytes`) of 16/32-bit states holds two copies of
-  the tensor in the state dtype at once (torch's ``(exp_avg_sq.sqrt() / bias_correction2_sqrt)
-  .add_(eps)``). An 8/4-bit update is torchao's compiled step (``_LowBitStepBytes``), whose
-  buffers depend on the compiler's backend (``device``): measured for Inductor's CPU kernel (two
-  fp32 copies plus block scales for 8-bit, 6.5 fp32 copies' worth for 4-bit), assumed to be one
-  fp32 copy on CUDA (not measured yet). ``slcompile.optim``'s stand-ins add their copies: the
-  zero-padded value and gradient of a padded tensor, the dequantized value and the
-  requantization buffers of an int8 weight.
-- Activations (``compute_dtype``, bf16 or fp32; fp32 weights with bf16 compute mean autocast,
-  whose bf16 weight copies saved for backward are not counted) are what autograd saves in
-  :class:`slcompile.recipes.models.llama.Llama`: RMSNorm with fp32 statistics (saves an fp32 copy of its
-  input, ``rstd`` and the normalized tensor; a fused RMSNorm kernel saving only its input and
-  ``rstd`` would save ``4 + c`` bytes less per token and feature, ``c`` the compute dtype's
-  bytes), RoPE with constant ``cos``/``sin`` (saves nothing per token), SDPA with
-  flash/memory-efficient kernels (saves q, k, v, the output and an fp32 logsumexp per head and
-  token, never an ``s x s`` matrix), SwiGLU, no dropout, no biases. The SLTrain layer saves only
-  its input (like ``nn.Linear``); the low-rank baseline computes ``(x A^T) B^T`` and also saves
-  ``x A^T``. Token ids and targets are the caller's tensors and are not counted.
-- Loss: computed inside the model, ``F.cross_entropy(logits.float(), targets)``: log-softmax
-  saves fp32 log-probs, and its backward holds its incoming and outgoing fp32 gradients at once.
-- Checkpointing (``checkpointing=True``): each decoder layer saves only its input; in backward one
-  layer's activations are recomputed at a time.
-- Peak: the largest of a few moments of one training step (``MemoryBreakdown.phases``), each the
-  persistent memory (parameters, support, optimizer states) plus what is alive at that moment.
-  Per layer, the head's update (its gradient arrives first, with every activation saved) and a
-  decoder layer's backward (its transients with one of its tensors' update) are apart.
-
-Predictions (GB = 1e9 bytes, from :func:`estimate`) at seq 256, micro-batch 1, bf16 compute, no
-checkpointing unless said, default ``device="cuda"`` (its 8/4-bit step transient is assumed, see
-above), next to the paper's measured peaks on one A100-80G (REFERENCE.md section 4; the paper
-states neither batch nor checkpointing). The SLTrain rows use ``method="sltrain", state_bits=8,
-per_layer=True``; "support" is ``index_bytes`` 8 / 4 / 0.
-
-| setting | 350M | paper | 1B | paper | 7B | paper |
-|---|---|---|---|---|---|---|
-| AdamW, pure bf16 (bf16 weights, grads, states; foreach step) | 3.68 | 4.5 | 13.39 | 16.3 | 67.38 | 67.4 |
-| AdamW, bf16 weights + fp32 states | 5.89 | - | 21.43 | - | 107.81 | - |
-| 8-bit AdamW per-layer, bf16 weights | 1.97 | 3.5 | 6.37 | 11.8 | 29.49 | 29.4 |
-| SLTrain, bf16 weights, int64 support (the reference) | 1.34 | 2.2 | 3.86 | 6.8 | 17.59 | 18.3 |
-| SLTrain, int8 weights, int64 support | 1.21 | - | 3.35 | - | 14.72 | - |
-| SLTrain, int8 weights, int32 support | 1.18 | - | 3.21 | - | 13.42 | - |
-| ... and checkpointing | 0.90 | - | 2.66 | - | 11.96 | - |
-| ... and 4-bit states | 0.72 | - | 2.03 | - | 8.91 | - |
-| SLTrain, int8 weights, regenerated support, checkpointing | 0.87 | - | 2.52 | - | 10.67 | - |
-| ... and 4-bit states | 0.68 | - | 1.89 | - | 7.62 | - |
-
-With ``device="cpu"`` (Inductor's CPU step kernel, measured) the head's update grows from 0.52
-to 1.05 GB at 7B with 8-bit states and to 3.42 GB with 4-bit states: every 8-bit per-layer row
-above gains 0.53 GB, every 4-bit row 2.89 GB (int8 + int32 + checkpointing: 12.49 GB with 8-bit,
-11.81 GB with 4-bit states).
-
-How to read it against the paper:
-
-- 7B "Adam" 67.4 GB is reproduced (67.38) by the reference's pure bf16 training: bf16 weights,
-  gradients and both AdamW states, plus the ``sqrt(exp_avg_sq)`` temporary of torch's default
-  foreach AdamW, i.e. five bf16 copies of the 6.74 B parameters at the optimizer step (the
-  activations are already freed then); stepping one tensor at a time (``foreach=False``) would
-  peak at 54.43 GB. fp32 states on bf16 weights need 107.8 GB with the foreach temporary
-  (80.9 GB without it), more than the 80 GB card; per-layer fp32 states would hold five bf16
-  copies too, but with the activations and two fp32 step copies of the head on top (70.2 GB).
-- 7B per-layer 8-bit AdamW (29.49 vs 29.4) and SLTrain (17.59 vs 18.3) land within 0.1 and
-  0.7 GB, which supports micro-batch 1 x 256 tokens without checkpointing (GaLore's memory
-  figure, which the paper follows, states that setting). The closeness is partly luck: the paper
-  used bitsandbytes, whose fused 8-bit step has no fp32 copy of the largest tensor (0.52 GB
-  assumed here for the 131 M-element head on CUDA). Plain torchao would also keep every SLTrain
-  ``values`` state unquantized (``int(0.05 * 4096 * 4096) = 838860`` is no multiple of 256:
-  0.65 GB more at 7B); ``slcompile.optim`` pads them, and this model follows it. Without the
-  head's step copy the model sits 0.4 GB (8-bit AdamW) and 1.2 GB (SLTrain) below the paper,
-  room for what a measurement adds and this model does not (allocator caching, the reference's
-  extra copies).
-- At 350M and 1B the paper's figures are 0.8 to 5.4 GB above the model, and the gap differs
-  between rows of one model size (1B: 2.9 GB for Adam and SLTrain, 5.4 GB for 8-bit Adam): no
-  single unstated batch size or constant overhead (CUDA context, allocator cache) explains all
-  three, so those rows were probably measured under other, unstated settings.
-- The 10 GB target at 7B (DESIGN.md section 5) is not met by int8 weights + int32 support +
-  8-bit states (13.42 GB), with checkpointing (11.96 GB) or even with regenerated support too
-  (10.67 GB), all peaking at the head's update: 8-bit states 6.39 GB (padded ``values``
-  quantized), int8 linears and bf16 embeddings 3.41 GB, the head's fp32 step copy 0.52 GB
-  (assumed on CUDA; a fused step kernel avoids it), its bf16 gradient 0.26 GB and the
-  checkpointed activations 0.08 GB. 4-bit states reach 8.91 GB (int32 support) and 7.62 GB
-  (regenerated), on CUDA; on the CPU kernel 4-bit's step buffers (3.42 GB for the head, 1.05 GB
-  with 8-bit) eat 2.36 GB of the 3.05 GB its states save.
+What each term counts and why is in ``docs/memory.md`` and in the comment next to the term: one
+device, live tensors only (no CUDA context or allocator cache), AdamW states in 32/16/8/4 bits,
+optional int8 weights, int64/int32/regenerated support, optional checkpointing, and the peak as
+the largest of a few moments of one training step (``MemoryBreakdown.phases``).
 """
 from __future__ import annotations
 
@@ -127,6 +25,7 @@ from typing import Mapping, Union
 
 import sympy
 
+from slcompile._validate import check_bool, check_int, check_number
 from slcompile.model_configs import LlamaConfig, get_config
 from slcompile.optim.lowbit import BLOCK_SIZES, MIN_QUANTIZED_NUMEL, state_numel
 from slcompile.support import nnz_for
@@ -177,24 +76,14 @@ class _Nnz(_Count):
 
 
 class _LowBitStepBytes(_Count):
-    """Bytes torchao's compiled 8/4-bit step (``single_param_adam``, ``compile_step=True``) of one
-    ``numel``-element tensor allocates while it runs; ``cpu`` is 1 for Inductor's CPU kernel, 0
-    for CUDA.
+    """Bytes torchao's compiled 8/4-bit step (``compile_step=True``) of one ``numel``-element tensor
+    allocates while it runs; ``cpu`` is 1 for Inductor's CPU kernel, 0 for CUDA.
 
-    Over ``P``, the state length (``numel`` padded to a whole block, :func:`state_numel`), the CPU
-    kernel (one fused C++ kernel; read from Inductor's output code and measured with
-    ``torch.profiler``, torch 2.13, torchao 0.18, fp32 and bf16 parameters alike) allocates:
-
-    - 8-bit: the block-normalized fp32 ``exp_avg`` and ``exp_avg_sq`` as two ``(P / 256, 256)``
-      fp32 buffers and their two new ``P / 256`` fp32 block scales: ``8 P + P / 32`` bytes;
-    - 4-bit: the same fp32 buffers and scales over blocks of 128 (``8 P + P / 16``), both states'
-      4-bit codes unpacked into two ``P``-byte uint8 buffers (``2 P``) and the new codes, before
-      packing, as two ``P``-element int64 buffers (``16 P``): ``26 P + P / 16``.
-
-    On CUDA (Triton kernels; not measured yet) one fp32 copy, ``4 P``, is assumed (the model's
-    earlier guess): a fused Triton kernel may keep the block-normalized states in registers (less)
-    or materialize buffers as the CPU kernel does (more). A tensor under 4096 elements keeps plain
-    states, whose compiled step works in place: nothing but scalars (not counted).
+    Over ``P``, the padded state length (:func:`state_numel`), Inductor's CPU kernel allocates the
+    block-normalized fp32 ``exp_avg`` and ``exp_avg_sq`` and their new fp32 block scales
+    (``8 P + 8 P / block``), and for 4-bit also both states' codes unpacked to uint8 (``2 P``)
+    and the new codes as int64 before packing (``16 P``). On CUDA one fp32 copy (``4 P``) is
+    assumed (not measured). A tensor under 4096 elements keeps plain states, stepped in place.
     """
 
     @classmethod
@@ -345,28 +234,6 @@ def _choice(name: str, value, allowed: tuple) -> None:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def _check_flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
-def _check_density(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"density must be a number in (0, 1), got {value!r}")
-    return float(value)
-
-
-def _check_budget(budget_bytes) -> None:
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
-        raise ValueError(f"budget_bytes must be an int >= 0, got {budget_bytes!r}")
-
-
 def _resolve_config(model_config: ConfigLike) -> LlamaConfig:
     if isinstance(model_config, str):
         return get_config(model_config)
@@ -414,14 +281,14 @@ def memory_model(method: str = "sltrain", *, per_layer: bool = False, state_bits
 def _check_options(method, per_layer, state_bits, weight_dtype, weight_scale, index_bytes,
                    compute_dtype, checkpointing, foreach, device) -> None:
     _choice("method", method, METHODS)
-    _check_flag("per_layer", per_layer)
+    check_bool("per_layer", per_layer)
     _choice("state_bits", state_bits, STATE_BITS)
     _choice("weight_dtype", weight_dtype, WEIGHT_DTYPES)
     _choice("weight_scale", weight_scale, WEIGHT_SCALES)
     _choice("index_bytes", index_bytes, INDEX_BYTES)
     _choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
-    _check_flag("checkpointing", checkpointing)
-    _check_flag("foreach", foreach)
+    check_bool("checkpointing", checkpointing)
+    check_bool("foreach", foreach)
     _choice("device", device, DEVICES)
     if compute_dtype == "fp32" and weight_dtype == "bf16":
         raise ValueError("compute_dtype 'fp32' needs weight_dtype 'fp32' or 'int8', got weight_dtype 'bf16'")
@@ -560,8 +427,9 @@ def shape_values(model_config: ConfigLike, rank: int | None = None,
     cfg = _resolve_config(model_config)
     return {"dim": cfg.dim, "intermediate": cfg.intermediate_size, "layers": cfg.n_layers,
             "vocab": cfg.vocab_size, "heads": cfg.n_heads,
-            "rank": cfg.rank if rank is None else _positive_int("rank", rank),
-            "density": cfg.density if density is None else _check_density(density)}
+            "rank": cfg.rank if rank is None else check_int("rank", rank, 1),
+            "density": (cfg.density if density is None
+                        else check_number("density", density, 0, 1, open_low=True, open_high=True))}
 
 
 def _substitute(expr: sympy.Expr, values: Mapping[str, object]) -> sympy.Expr:
@@ -596,7 +464,7 @@ def evaluate(expr_or_breakdown: Breakdown, config: ConfigLike | None = None,
 
 def param_count(model_config: ConfigLike, method: str, rank: int | None = None,
                 density: float | None = None) -> int:
-    """Trainable parameters of the LLaMA trained with ``method`` (REFERENCE.md section 3).
+    """Trainable parameters of the LLaMA trained with ``method``, as the paper counts them.
 
     Untied embedding and head, RMSNorm weights (two per layer and a final one), no biases; each of
     the seven linears per layer holds ``in * out`` (full), ``r * (in + out)`` (lowrank), or that
@@ -615,7 +483,7 @@ def estimate(model_config: ConfigLike, method: str, batch: int, seq: int, *,
     Keys: the :class:`MemoryBreakdown` fields (``peak`` included) and ``phase_<name>`` per phase.
     """
     values = shape_values(model_config, rank, density)
-    values.update(b=_positive_int("batch", batch), s=_positive_int("seq", seq))
+    values.update(b=check_int("batch", batch, 1), s=check_int("seq", seq, 1))
     return evaluate(memory_model(method, **options), **values)
 
 
@@ -644,9 +512,9 @@ def plan(budget_bytes: int, model_config: ConfigLike, method: str = "sltrain",
     ``seq`` defaults to the config's ``max_seq_len``; ``options`` go to :func:`memory_model`.
     Raises ``ValueError`` naming the largest term if even batch 1 does not fit.
     """
-    _check_budget(budget_bytes)
+    check_int("budget_bytes", budget_bytes, 0)
     cfg = _resolve_config(model_config)
-    seq = cfg.max_seq_len if seq is None else _positive_int("seq", seq)
+    seq = cfg.max_seq_len if seq is None else check_int("seq", seq, 1)
     breakdown = memory_model(method, **options)
     values = {**shape_values(cfg, rank, density), "s": seq}
     batch = _largest_batch(budget_bytes, breakdown, values)
@@ -672,7 +540,7 @@ def plan_settings(budget_bytes: int, model_config: ConfigLike, batch: int, seq: 
     those settings and ``peak`` (bytes). ``options`` (e.g. ``index_bytes``, ``compute_dtype``, ``rank``)
     apply to every setting.
     """
-    _check_budget(budget_bytes)
+    check_int("budget_bytes", budget_bytes, 0)
     swept = sorted(set(options) & set(_SWEPT))
     if swept:
         raise ValueError(f"plan_settings sweeps {swept} itself; do not pass them")

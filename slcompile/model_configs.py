@@ -1,4 +1,4 @@
-"""LLaMA shape configurations: the paper's (REFERENCE.md section 3) plus tiny CPU ones."""
+"""LLaMA shape configurations: the paper's (60M to 7B, with its rank, alpha and density) plus tiny CPU ones."""
 from __future__ import annotations
 
 from dataclasses import dataclass

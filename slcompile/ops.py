@@ -3,7 +3,7 @@
 ``y = x @ W.T + bias`` with ``W = scale * B @ A + S`` where ``S`` has ``values`` at the flat
 positions ``support``.
 
-Memory plan (DESIGN.md section 4): forward materializes ``W`` in the compute dtype, runs one
+Memory plan (``docs/compute.md``): forward materializes ``W`` in the compute dtype, runs one
 GEMM and drops ``W``; autograd saves only ``x`` and the (already resident) parameters, so
 activation memory equals ``nn.Linear``'s. Backward recomputes ``W`` for ``dX`` and frees it
 before forming the dense ``dW`` that yields ``dA``, ``dB`` and ``dvalues = dW[support]``.
@@ -50,8 +50,8 @@ def autocast_off(body):
 
 
 def scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
-    """``scale * a @ b`` as one GEMM (BLAS alpha; ``mm().mul_(float)`` costs a pass and a wrapped
-    scalar: ~2.5 us more per call at small shapes on CPU). ``beta=0`` ignores the dummy input."""
+    """``scale * a @ b`` as one GEMM (BLAS alpha: no second pass over the result). ``beta=0``
+    ignores the dummy input."""
     return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scale)
 
 
@@ -83,7 +83,7 @@ def grad_weight_and_values(grad_y2d: Tensor, x2d: Tensor, support: Tensor) -> tu
     """``(dW, dvalues)``: the dense ``dW (out, in) = dY^T @ x`` and ``dvalues = dW.view(-1)[support]``
     (torch reference; :mod:`slcompile.kernels.grad_weight` fuses the gather into the GEMM on CUDA)."""
     grad_w = torch.mm(grad_y2d.t(), x2d)
-    return grad_w, grad_w.view(-1).index_select(0, support)  # index_select: 20x faster than [] with int32 on CPU
+    return grad_w, grad_w.view(-1).index_select(0, support)  # index_select: [] with int32 indices is slow on CPU
 
 
 def _low_rank_grads(grad_w: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor]:

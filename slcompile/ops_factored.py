@@ -1,10 +1,9 @@
 """The factored SLTrain linear: ``y = scale * (x @ A.T) @ B.T + x @ S.T + bias``, ``W`` never formed.
 
-Same parameters and result as ``slcompile::sl_linear`` (:mod:`slcompile.ops`); a different
-schedule, cheaper when tokens are few (decoding): the materialize path costs ``2 r in out``
-FLOPs per ``W`` whatever the token count, this one ``2 N (r (in + out) + nnz)`` per product.
-:mod:`slcompile.cost_model` says which is cheaper; :mod:`slcompile.passes.choose_path` swaps
-``sl_linear`` for this op when it is.
+Same parameters and result as ``slcompile::sl_linear`` (:mod:`slcompile.ops`); a schedule that
+costs ``2 N (r (in + out) + nnz)`` FLOPs forward instead of forming ``W`` (``2 r in out``),
+cheaper when tokens are few. :mod:`slcompile.path_policy` picks it per eager call,
+:mod:`slcompile.passes.choose_path` in compiled graphs.
 
 Ops (opaque to Dynamo/Inductor, like the ones of :mod:`slcompile.ops`):
 
@@ -17,31 +16,18 @@ Ops (opaque to Dynamo/Inductor, like the ones of :mod:`slcompile.ops`):
       dA      = scale * (dY @ B)^T @ x
       dvalues = (dY^T @ x)[support]                    # SDDMM: one dot product per nonzero
 
-Memory plan: autograd saves only ``x`` and the (resident) parameters, as ``sl_linear`` and
-``nn.Linear`` do; ``x @ A^T`` (``(N, r)``) is **recomputed** in backward rather than saved. That
-costs ``2 N r in`` FLOPs (a seventh of the path's low-rank work when ``in == out``) but keeps
-activation memory equal to ``nn.Linear``'s and the op single-output; the cost model counts it.
-No ``(out, in)`` tensor exists at any point; transients are ``(N, r)``, ``(N, out)``, ``(N, in)``.
+Autograd saves only ``x`` and the parameters, as ``nn.Linear`` does: ``x @ A^T`` ``(N, r)`` is
+recomputed in backward (``2 N r in`` FLOPs, counted by the cost model) rather than saved. No
+``(out, in)`` tensor exists at any point.
 
-Sparse products (CPU and, untuned, CUDA): ``torch.sparse_csr_tensor`` over the support, then
-``S @ x^T`` (MKL SpMM on CPU, cuSPARSE on CUDA), ``S^T @ dY^T`` with a CSR of ``S^T`` and
-``torch.sparse.sampled_addmm`` for ``dvalues``. On 1 CPU thread (fp32, 512-4096 wide, 1-512
-tokens) the CSR SpMM was 13-90x faster than gathering ``x`` columns and ``index_add``-ing them
-into output rows (``benchmarks/paths_bench.py --probe`` times both at one shape), and the
-CSR SDDMM 4-50x faster than two row gathers and a row-wise dot. MKL and cuSPARSE take fp32/fp64 only: fp16/bf16
-operands are multiplied in fp32 and the results rounded once. Both products run over blocks of
-``TOKEN_BLOCK`` = 256 tokens: per token, MKL's SpMM and SDDMM slowed down several-fold beyond
-a few hundred tokens (the dense operand leaves the L2 cache), and blocks were up to 2x faster
-at 2048 tokens. Each SpMM block is written into the ``(N, out)`` (or ``(N, in)``) result, into
-which the low-rank term is then added in place: the op's transients beyond its outputs are the
-``(N, r)`` products and one block's buffers. On CUDA the torch products are library kernels,
-3-150x below tensor-core speed (REFERENCE.md section 6); :mod:`slcompile.kernels` replaces them
-by Triton kernels.
+Sparse products (:data:`TORCH_SPARSE`): torch CSR tensors over the support (MKL on CPU, cuSPARSE
+on CUDA; :mod:`slcompile.kernels` registers Triton ones for CUDA). These take fp32/fp64 only:
+half operands are multiplied in fp32 and rounded once. Both run over blocks of
+:data:`TOKEN_BLOCK` tokens, so the dense operand of one call stays in cache.
 
-Index cache: the CSR patterns of ``S`` and ``S^T`` (``3 * nnz + in + out`` int32: three times
-the support's bytes) are built once per support tensor and kept while it lives, checked against
-its version counter and shape (inference tensors, without a version counter, are not cached).
-The support may be unsorted or hold repeats (as ``sl_linear`` allows): repeats add up in ``S``.
+The CSR patterns of ``S`` and ``S^T`` (``3 nnz + in + out`` int32) are built once per support
+tensor (:func:`slcompile.support.derived_index`). The support may be unsorted or hold repeats
+(as ``sl_linear`` allows): repeats add up in ``S``.
 """
 from __future__ import annotations
 
@@ -60,8 +46,12 @@ __all__ = ["SparseIndex", "SparseProducts", "TORCH_SPARSE", "factored_backward",
 
 _SPARSE_DTYPES = (torch.float32, torch.float64)  # what MKL / cuSPARSE SpMM and SDDMM take
 TOKEN_BLOCK = 256  # tokens per sparse-library call (see the module doc)
-# torch warns once per process that CSR tensors are "beta"; these ops use only stable CSR calls.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+def _csr_tensor(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # torch calls all CSR tensors "beta"; these ops use only stable calls
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 @dataclass(frozen=True)
@@ -93,13 +83,11 @@ class SparseIndex:
 
     def csr(self, values: Tensor) -> Tensor:
         """``S`` as a sparse CSR tensor with ``values`` (in the support's order)."""
-        return torch.sparse_csr_tensor(self.crow, self.col, self.csr_values(values), self.shape,
-                                       check_invariants=False)
+        return _csr_tensor(self.crow, self.col, self.csr_values(values), self.shape)
 
     def csr_t(self, values: Tensor) -> Tensor:
         """``S^T`` as a sparse CSR tensor with ``values`` (in the support's order)."""
-        return torch.sparse_csr_tensor(self.t_crow, self.t_col, self.csr_t_values(values), self.shape[::-1],
-                                       check_invariants=False)
+        return _csr_tensor(self.t_crow, self.t_col, self.csr_t_values(values), self.shape[::-1])
 
 
 @dataclass(frozen=True)
@@ -172,8 +160,8 @@ def _spmm(matrix: Tensor, dense: Tensor) -> Tensor:
 def _sddmm(index: SparseIndex, left: Tensor, right: Tensor, dtype: torch.dtype) -> Tensor:
     """``(left @ right)`` at the support, in the support's order: ``left (out, N)``, ``right (N, in)``."""
     work = _sparse_dtype(dtype)
-    sampled = torch.sparse_csr_tensor(index.crow, index.col, left.new_zeros(index.col.numel(), dtype=work),
-                                      index.shape, check_invariants=False)  # zeros: beta=0 still reads NaNs
+    # zeros: sampled_addmm with beta=0 still reads (and propagates) NaNs of its input
+    sampled = _csr_tensor(index.crow, index.col, left.new_zeros(index.col.numel(), dtype=work), index.shape)
     left, right = left.to(work), right.to(work)
     for block in _token_blocks(right.shape[0]):  # accumulates into the previous block's result (beta=1)
         sampled = torch.sparse.sampled_addmm(sampled, left[:, block], right[block])

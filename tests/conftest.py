@@ -1,7 +1,8 @@
-"""Shared test set-up: hypothesis profiles and float64 dense references.
+"""Shared test set-up: hypothesis profiles, markers, the ``replayed_peak`` fixture.
 
 Profiles: ``ci`` (default; few examples, CI budget) and ``dev`` (many examples), chosen with
-``HYPOTHESIS_PROFILE=dev``.
+``HYPOTHESIS_PROFILE=dev``. Helper functions live in ``helpers.py`` next to this file (pytest
+puts this directory on ``sys.path``).
 """
 import os
 
@@ -16,19 +17,6 @@ settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True
 settings.register_profile("dev", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-
-def dense_reference_weight(A, B, values, support, scale):
-    """Float64 ``W = scale * B @ A + S`` built with plain differentiable torch ops."""
-    weight = scale * B.double() @ A.double()
-    flat = torch.zeros(weight.numel(), dtype=torch.float64, device=weight.device)
-    flat = flat.index_put((support.long(),), values.double(), accumulate=True)
-    return weight + flat.view_as(weight)
-
-
-@pytest.fixture
-def reference_weight():
-    return dense_reference_weight
 
 
 def _replayed_peak(prof) -> int:

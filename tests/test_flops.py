@@ -24,5 +24,5 @@ def test_counted_flops_equal_the_cost_model(path):
         assert _counted(layer, x, backward=False) == cm.flops(path, "forward").subs(dims)
     # No input gradient: the backward skips the dx kernels (and, materialized, forming W again).
     dx_kernels = {"materialize": ("form W again", "dx = dY W"), "factored": ("dx = gb A", "dx += dY S")}[path]
-    dx_flops = sum(k.flops for k in cm.kernels(path, "train") if k.name in dx_kernels).subs(dims)
+    dx_flops = sum(k.flops for k in cm.path_kernels(path, "train") if k.name in dx_kernels).subs(dims)
     assert _counted(layer, x.detach(), backward=True) == cm.flops(path, "train").subs(dims) - dx_flops

@@ -9,7 +9,7 @@ from torch import nn
 from slcompile import SLLinear
 from slcompile.support import generate_support
 
-from conftest import dense_reference_weight
+from helpers import dense_reference_weight
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -117,7 +117,7 @@ def test_auto_path_follows_the_cost_model_per_call():
     """``path="auto"``: per call, the cost model's pick on this machine's CPU spec for the call's
     token count and mode (few tokens factored, very many materialize); both give the same result."""
     from slcompile import cost_model, eager
-    from slcompile.calibration import runtime_device
+    from slcompile.path_policy import choose_path_for_call, runtime_device
 
     runs = {"factored": eager.EagerFactored.apply, "materialize": eager.EagerMaterialized.apply}  # eager CPU
     layer = _randomized(SLLinear(512, 512, rank=128, density=0.03), 0).float()
@@ -128,7 +128,7 @@ def test_auto_path_follows_the_cost_model_per_call():
             mode = "train" if grad else "forward"
             args = (tokens, 512, 512, module.rank, module.nnz)
             assert cost_model.choose_path(*args, spec, mode, 4, spec.margin) == want
-            assert cost_model.choose_path_for_call(*args, "cpu", mode, 4) == want
+            assert choose_path_for_call(*args, "cpu", mode, 4) == want
             with torch.set_grad_enabled(grad):
                 x = torch.empty(1, 512).expand(tokens, 512)  # no (N, in) allocation
                 assert module.path_for(x) == want and module._op(x) == runs[want]

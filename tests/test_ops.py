@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 from slcompile import ops
 from slcompile.support import generate_support
 
-from conftest import dense_reference_weight
+from helpers import dense_reference_weight
 
 
 def _operands(out_features, in_features, rank, nnz, batch, dtype=torch.float64, requires_grad=True, seed=0):

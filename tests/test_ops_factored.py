@@ -7,7 +7,7 @@ from slcompile import ops
 from slcompile.ops_factored import TOKEN_BLOCK, sl_linear_factored, sl_linear_factored_backward, sparse_index
 from slcompile.support import generate_support
 
-from conftest import dense_reference_weight
+from helpers import dense_reference_weight
 from test_ops import _operands
 
 FACTORED = torch.ops.slcompile.sl_linear_factored.default

@@ -1,5 +1,5 @@
 """AdamW fused into backward: each parameter is updated in its post-accumulate-grad hook and its
-gradient freed at once, so at most one layer's gradients are alive (DESIGN.md section 5).
+gradient freed at once, so at most one layer's gradients are alive.
 
 :class:`PerLayerOptimizer` subclasses ``torch.optim.Optimizer`` so LR schedulers, checkpoints and
 ordinary training loops drive it unchanged::
@@ -45,7 +45,6 @@ compiled autograd. Every backward pass that reaches the parameters counts as a m
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Callable, Iterable
 
 import torch
@@ -53,6 +52,7 @@ from torch import Tensor
 from torch.autograd import Variable
 from torch.optim import Optimizer
 
+from slcompile._validate import check_bool, check_int, check_number
 from slcompile.optim import lowbit
 from slcompile.optim.int8_weights import Int8Weight
 
@@ -112,13 +112,6 @@ class _Slot:
             self.key.data = self._empty()
 
 
-def _check_number(name: str, value: Any, low: float, high: float = math.inf, *, open_high: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < low or value > high or (open_high and value == high):
-        bound = f"[{low}, {high})" if open_high else f"[{low}, {high}]"
-        raise ValueError(f"{name} must be a finite number in {bound}, got {value!r}")
-
-
 class PerLayerOptimizer(Optimizer):
     """AdamW whose update runs inside backward (``per_layer=True``) or in ``step()`` (``False``).
 
@@ -140,15 +133,11 @@ class PerLayerOptimizer(Optimizer):
                  max_grad_norm: float | None = None, clip: str = "global", compile_step: bool = True) -> None:
         if state_bits not in lowbit.STATE_BITS or isinstance(state_bits, bool):
             raise ValueError(f"state_bits must be one of {lowbit.STATE_BITS}, got {state_bits!r}")
-        for name, flag in (("per_layer", per_layer), ("compile_step", compile_step)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be a bool, got {flag!r}")
-        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        check_bool("per_layer", per_layer)
+        check_bool("compile_step", compile_step)
+        check_int("accumulation_steps", accumulation_steps, 1)
         if max_grad_norm is not None:
-            _check_number("max_grad_norm", max_grad_norm, 0.0)
-            if max_grad_norm == 0:
-                raise ValueError("max_grad_norm must be > 0 (or None for no clipping)")
+            check_number("max_grad_norm", max_grad_norm, 0.0, open_low=True)
         if clip not in CLIP_MODES:
             raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
         self.state_bits, self.per_layer, self.compile_step = state_bits, per_layer, compile_step
@@ -169,14 +158,14 @@ class PerLayerOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_number("lr", group["lr"], 0.0)
-        _check_number("eps", group["eps"], 0.0)
-        _check_number("weight_decay", group["weight_decay"], 0.0)
+        check_number("lr", group["lr"], 0.0)
+        check_number("eps", group["eps"], 0.0)
+        check_number("weight_decay", group["weight_decay"], 0.0)
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
         for i, beta in enumerate(betas):
-            _check_number(f"betas[{i}]", beta, 0.0, 1.0, open_high=True)
+            check_number(f"betas[{i}]", beta, 0.0, 1.0, open_high=True)
         group["betas"] = tuple(betas)
         for param in group["params"]:
             if not param.requires_grad:

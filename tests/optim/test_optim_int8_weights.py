@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from slcompile import SLLinear, ops
 from slcompile.optim import Int8Weight, build, quantize_int8, quantize_weights
-from optim_helpers import save_load, tiny_model
+from helpers import save_load, tiny_model
 
 
 def layer(dtype=torch.float32) -> SLLinear:

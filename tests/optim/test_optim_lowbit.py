@@ -16,7 +16,7 @@ torchao_optim = pytest.importorskip("torchao.optim")
 
 from slcompile import SLLinear  # noqa: E402
 from slcompile.optim import build  # noqa: E402
-from optim_helpers import assert_same_params, save_load  # noqa: E402
+from helpers import assert_same_params, save_load  # noqa: E402
 
 STATE_CLASSES = {8: torchao_optim.subclass_8bit.OptimState8bit, 4: torchao_optim.subclass_4bit.OptimState4bit}
 

@@ -7,7 +7,7 @@ from torch import nn
 
 import slcompile
 from slcompile.optim import PerLayerOptimizer, build
-from optim_helpers import assert_same_params, batches, loss_fn, save_load, tiny_model
+from helpers import assert_same_params, batches, loss_fn, save_load, tiny_model
 
 LR, WD = 1e-2, 0.1
 

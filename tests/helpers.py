@@ -1,4 +1,5 @@
-"""Shared helpers of the tests in tests/optim (tiny SLTrain models and an ordinary training loop)."""
+"""Helpers shared by the test modules (importable as ``helpers``: ``tests/`` is on ``sys.path``
+through its ``conftest.py``): float64 dense references, tiny SLTrain models, a training loop's parts."""
 from __future__ import annotations
 
 import io
@@ -7,6 +8,14 @@ import torch
 from torch import nn
 
 from slcompile import SLLinear
+
+
+def dense_reference_weight(A, B, values, support, scale):
+    """Float64 ``W = scale * B @ A + S`` built with plain differentiable torch ops."""
+    weight = scale * B.double() @ A.double()
+    flat = torch.zeros(weight.numel(), dtype=torch.float64, device=weight.device)
+    flat = flat.index_put((support.long(),), values.double(), accumulate=True)
+    return weight + flat.view_as(weight)
 
 
 def tiny_model(dtype: torch.dtype = torch.float32, dropout: float = 0.0, seed: int = 0) -> nn.Module:
