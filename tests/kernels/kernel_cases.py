@@ -266,7 +266,7 @@ def _op_operands(out_f, in_f, rank, density, batch, dtype, seed=0, shuffle=False
 
 def _dense_reference(x, A, B, values, support, scale, grad_y):
     """float64 ``y``, ``dx``, ``dA``, ``dB``, ``dvalues`` and their error magnitudes, by plain autograd."""
-    from conftest import dense_reference_weight
+    from helpers import dense_reference_weight
 
     leaves = [t.cpu().double().requires_grad_() for t in (x, A, B, values)]
     y = leaves[0] @ dense_reference_weight(*leaves[1:], support.cpu(), scale).T
