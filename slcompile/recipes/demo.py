@@ -1,9 +1,10 @@
 """The main job (``make demo``): SLTrain vs full rank vs low rank on real offline text, one harness.
 
 Each method trains the same small LLaMA on the same tokens with the same seed, at its own best
-learning rate from a committed sweep (``benchmarks/results/demo_sweep.json``, reproduced by
-``python -m slcompile.recipes.demo --sweep``). Each run is a separate process so that its peak memory is
-its own. Writes ``OUT/`` (one directory per method with JSONL logs, plus ``table.md``,
+learning rate from a committed sweep (``--sweep-file``: by default
+``benchmarks/results/demo_sweep.json`` under the working directory, the repository root for
+``make demo``; reproduced by ``python -m slcompile.recipes.demo --sweep``). Each run is a
+separate process so that its peak memory is its own. Writes ``OUT/`` (one directory per method with JSONL logs, plus ``table.md``,
 ``table.json`` and ``val_curves.png``) and prints the table.
 
 Presets: ``demo`` (minutes on 2 cores; favours factorized models, which learn fast early) and
@@ -35,11 +36,14 @@ PRESETS = {
 EVAL_POINTS = 8  # validation evaluations per run
 METHODS = ("sltrain", "full", "lowrank", "lowrank-b0")
 SWEEP_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
-SWEEP_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "demo_sweep.json"
+SWEEP_FILE = Path("benchmarks") / "results" / "demo_sweep.json"  # relative to the working directory
 
 
 def best_learning_rates(path: Path) -> dict[str, float]:
     """The best learning rate per method of the demo sweep; refuses a sweep of other settings."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no learning-rate sweep at {path.resolve()}: run from the repository root, pass "
+                                "--sweep-file, or create one with `python -m slcompile.recipes.demo --sweep`")
     report = json.loads(path.read_text())
     demo = PRESETS["demo"]
     settings = {k: report["settings"].get(k) for k in demo}
@@ -64,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--jobs", type=int, default=1,
                         help="methods trained at once (each with cores/jobs threads; tokens/s then shares the machine)")
-    parser.add_argument("--sweep", action="store_true", help=f"redo the learning-rate sweep into {SWEEP_FILE.name}")
+    parser.add_argument("--sweep-file", type=Path, default=SWEEP_FILE,
+                        help="the learning-rate sweep to read (or write with --sweep); default: %(default)s")
+    parser.add_argument("--sweep", action="store_true", help="redo the learning-rate sweep into --sweep-file")
     args = parser.parse_args(argv)
     settings, out = PRESETS[args.preset], args.out or Path("runs") / args.preset
     methods = [m for m in args.methods.split(",") if m]
@@ -72,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         base = TrainConfig(**PRESETS["demo"], eval_every=PRESETS["demo"]["steps"],
                            checkpoint_every=PRESETS["demo"]["steps"], progress=False)
         report = sweep(base, list(METHODS), list(SWEEP_LRS), out / "sweep")
-        SWEEP_FILE.write_text(json.dumps(report, indent=2, default=list) + "\n")
-    lrs = best_learning_rates(SWEEP_FILE)
+        args.sweep_file.parent.mkdir(parents=True, exist_ok=True)
+        args.sweep_file.write_text(json.dumps(report, indent=2, default=list) + "\n")
+    lrs = best_learning_rates(args.sweep_file)
     # Tokenize once here: otherwise the first run's peak memory would include building the cache.
     load_text_data(vocab_size=settings.get("vocab_size", TrainConfig.vocab_size))
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
