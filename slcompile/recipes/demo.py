@@ -24,7 +24,7 @@ from pathlib import Path
 from slcompile.recipes.compare import compare, markdown
 from slcompile.recipes.data import load_text_data
 from slcompile.recipes.sweep import sweep
-from slcompile.recipes.train import TrainConfig
+from slcompile.recipes.train import METHODS, TrainConfig
 
 PRESETS = {
     # llama-mini: dim 128, 4 layers, rank 32, alpha/r = 0.25 as the paper at 60M; 0.5M tokens.
@@ -34,7 +34,6 @@ PRESETS = {
                 "seed": 0},
 }
 EVAL_POINTS = 8  # validation evaluations per run
-METHODS = ("sltrain", "full", "lowrank", "lowrank-b0")
 SWEEP_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 SWEEP_FILE = Path("benchmarks") / "results" / "demo_sweep.json"  # relative to the working directory
 

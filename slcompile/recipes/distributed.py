@@ -13,10 +13,9 @@ rank: gloo on CPU, NCCL (one GPU per rank, ``cuda:LOCAL_RANK``) when CUDA is ava
   rows a single process sees; with gradients averaged over ranks (DDP all-reduce, FSDP2
   reduce-scatter) and equal slices, the update equals the single-process one up to float
   rounding.
-- Checkpoints: a ``torch.distributed.checkpoint`` (DCP) directory holding model and optimizer
-  (``get_state_dict``/``set_state_dict``: FQNs without wrapper prefixes, so DDP and FSDP2 runs
-  and any world size resume each other) plus ``meta.pt`` (step, schedule, data position, RNG),
-  replaced atomically (:func:`save_checkpoint`).
+- Checkpoints: see :mod:`slcompile.recipes.checkpoint` (DCP shards under ``--parallel``).
+- Failures: :meth:`DistContext.all_or_none` turns an error on some ranks into an error on every
+  rank (no rank is left waiting in a collective until the process-group timeout).
 - Export: :func:`export_safetensors` gathers the full state on rank 0 and writes one
   ``safetensors`` file of the merged dense model.
 
@@ -32,7 +31,6 @@ import contextlib
 import hashlib
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -47,9 +45,14 @@ from slcompile.layers import SLLinear
 
 PARALLEL_MODES = ("none", "ddp", "fsdp2")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-META_FILE = "meta.pt"
+
+DEFAULT_TIMEOUT_S = 300.0  # a stuck rank is reported after 5 minutes, not torch's 30
 
 Batch = tuple[Tensor, Tensor]
+
+
+class RankFailed(ValueError):
+    """Another rank failed; this one stops with it (the cause is in that rank's output)."""
 
 
 @dataclass(frozen=True)
@@ -74,14 +77,35 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on some rank (every rank gets the same answer)."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     @contextlib.contextmanager
-    def main_first(self) -> Iterator[None]:
-        """Run the body on rank 0 first, then on the other ranks (e.g. to fill an on-disk cache once)."""
-        if not self.is_main:
-            self.barrier()
-        yield
-        if self.is_main:
-            self.barrier()
+    def all_or_none(self, what: str) -> Iterator[None]:
+        """Run the body on every rank; if it fails on some rank, fail on all: that rank re-raises its
+        own error, the others a :class:`RankFailed` pointing to it."""
+        error = None
+        try:
+            yield
+        except Exception as exc:  # re-raised below, once the ranks have agreed
+            error = exc
+        if self.any(error is not None):
+            if error is not None:
+                raise error
+            raise RankFailed(f"another rank failed while {what}; its error is printed above")
+
+    def from_main(self, flags: list[bool]) -> list[bool]:
+        """Rank 0's ``flags`` on every rank (ranks may decide differently, e.g. from a calibration)."""
+        if not self.enabled:
+            return flags
+        values = torch.tensor([int(f) for f in flags], dtype=torch.int64, device=self.device)
+        dist.broadcast(values, src=0)
+        return [bool(v) for v in values.tolist()]
 
     def check_batch_size(self, batch_size: int) -> None:
         """``ValueError`` unless the global batch splits into equal slices, one per rank."""
@@ -115,14 +139,17 @@ class DistContext:
 
 
 @contextlib.contextmanager
-def process_group(parallel: str, timeout_s: float = 1800.0) -> Iterator[DistContext]:
+def process_group(parallel: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[DistContext]:
     """The :class:`DistContext` for ``parallel``; joins (and finally leaves) the torchrun process group.
 
     ``"none"``: a single process on the CPU; refused when torchrun started several processes (they
     would all write the same run directory). ``"ddp"``/``"fsdp2"``: needs torchrun's environment
     (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); NCCL on
     ``cuda:LOCAL_RANK`` when CUDA is available, else gloo on the CPU. A process group that already
-    exists (a caller's) is used as is and left open.
+    exists (a caller's) is used as is and left open. Leaving after success waits at a barrier
+    first and then destroys the group: a rank that exits while another still talks to it (or
+    with the group alive) can abort in gloo's teardown (``terminate called without an active
+    exception``), turning a finished run into a nonzero exit.
     """
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {parallel!r}")
@@ -145,8 +172,10 @@ def process_group(parallel: str, timeout_s: float = 1800.0) -> Iterator[DistCont
     if owned:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
+    ctx = DistContext(parallel, dist.get_rank(), dist.get_world_size(), device)
     try:
-        yield DistContext(parallel, dist.get_rank(), dist.get_world_size(), device)
+        yield ctx
+        ctx.barrier()
     finally:
         if owned:
             dist.destroy_process_group()
@@ -262,75 +291,6 @@ def eval_assignment(num_batches: int, ctx: DistContext) -> list[tuple[int, bool]
     per_rank = math.ceil(num_batches / ctx.world_size)
     indices = [ctx.rank + i * ctx.world_size for i in range(per_rank)]
     return [(i, True) if i < num_batches else (0, False) for i in indices]
-
-
-def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    model_state, optim_state = get_state_dict(model, optimizer)
-    return {"model": model_state, "optimizer": optim_state}
-
-
-def _sibling(directory: Path, suffix: str) -> Path:
-    return directory.with_name(f".{directory.name}.{suffix}")
-
-
-def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
-                    ctx: DistContext) -> None:
-    """Write a DCP checkpoint of model + optimizer and ``meta.pt`` (rank 0's ``meta``) to ``directory``.
-
-    Atomic: everything goes to ``.<name>.tmp`` first (``meta.pt`` last, itself atomically);
-    rank 0 then renames the old directory to ``.<name>.old``, the new one into place and deletes
-    the old. :func:`restore_interrupted_save` completes a save cut between the two renames.
-    Every rank writes its own shards: ``directory`` must be on a file system all ranks share.
-    """
-    import torch.distributed.checkpoint as dcp
-    tmp, old = _sibling(directory, "tmp"), _sibling(directory, "old")
-    if ctx.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    ctx.barrier()
-    dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp)  # returns once every rank has written
-    if ctx.is_main:
-        with atomic_path(tmp / META_FILE) as meta_tmp:
-            torch.save(meta, meta_tmp)
-        shutil.rmtree(old, ignore_errors=True)
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    ctx.barrier()
-
-
-def restore_interrupted_save(directory: Path, ctx: DistContext) -> bool:
-    """Finish or undo a :func:`save_checkpoint` that a crash interrupted; whether ``directory`` now exists.
-
-    A complete ``.tmp`` (its ``meta.pt`` is written last) is the newest checkpoint; otherwise
-    ``.old`` is the previous one; an incomplete ``.tmp`` is discarded.
-    """
-    tmp, old = _sibling(directory, "tmp"), _sibling(directory, "old")
-    if ctx.is_main:
-        if not directory.exists():
-            if (tmp / META_FILE).exists():
-                os.replace(tmp, directory)
-            elif old.exists():
-                os.replace(old, directory)
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    ctx.barrier()
-    return directory.exists()
-
-
-def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load the DCP model + optimizer state of ``directory`` into the (wrapped) ``model`` and its
-    ``optimizer``, resharding as needed: any world size, DDP or FSDP2, may read any checkpoint."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-    state = _state_dicts(model, optimizer)
-    try:
-        dcp.load(state, checkpoint_id=directory)
-    except Exception as exc:  # DCP wraps per-rank failures in CheckpointException
-        raise ValueError(f"distributed checkpoint {directory} is corrupt or does not fit this model "
-                         f"({type(exc).__name__}: {exc}); it was left untouched") from exc
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def full_state_dict(model: nn.Module, ctx: DistContext) -> dict[str, Tensor]:

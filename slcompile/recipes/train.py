@@ -1,48 +1,77 @@
 """Training loop and CLI: ``python -m slcompile.recipes.train --model llama-mini --method sltrain ...``.
 
-One harness for every method (``sltrain``, ``full``, ``lowrank``, ``lowrank-b0``): same data,
-tokens, seed and schedule; only the layers and the learning rate differ. A run directory holds
-``config.json``, ``metrics.jsonl`` (one JSON object per log line), ``checkpoint.pt`` (written
-atomically: a run killed at any moment resumes from its last checkpoint with the same losses),
-``summary.json`` and, with ``--export``, ``model.safetensors`` (the merged dense model).
+One harness for every method (:data:`METHODS`: ``sltrain``, ``full``, ``lowrank``, ``lowrank-b0``):
+same data, tokens, seed and schedule; only the layers and the learning rate differ. A run
+directory (locked while a run uses it) holds ``config.json`` (the resolved settings that ran),
+``metrics.jsonl`` (one JSON object per log line), ``checkpoint/`` (:mod:`slcompile.recipes.checkpoint`:
+verified, code-free, swapped in atomically; a run killed at any moment resumes from its last
+checkpoint with the same losses), ``summary.json`` and, with ``--export``, ``model.safetensors``.
 
 Under ``torchrun --nproc_per_node N ... --parallel ddp|fsdp2`` (see :mod:`slcompile.recipes.distributed`)
 each rank trains on its slice of the same global batch, rank 0 alone writes the logs, and the
-checkpoint is a sharded ``checkpoint/`` directory that any world size can resume.
+checkpoint holds DCP shards that any world size can resume.
+
+Exit codes of :func:`main`: 0 done, 2 refused or failed with an ``error:`` line, 75
+(:data:`EXIT_STOPPED`) stopped by SIGTERM/SIGINT after saving a checkpoint (rerun to resume).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
 import os
 import random
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional, TextIO
 
 import numpy as np
 import torch
 from torch import nn
 
-from slcompile.recipes.baselines import to_lowrank
 from slcompile.config import SLConfig
-from slcompile.recipes.data import BatchIterator, eval_batches, load_text_data
-from slcompile.recipes.files import atomic_path
-from slcompile.recipes import distributed
-from slcompile.recipes.distributed import PARALLEL_MODES, DistContext
+from slcompile.layers import SLLinear
 from slcompile.model_configs import get_config
+from slcompile.optim.lowbit import STATE_BITS
+from slcompile.recipes import distributed
+from slcompile.recipes.baselines import to_lowrank
+from slcompile.recipes.checkpoint import Checkpointer
+from slcompile.recipes.data import BatchIterator, cache_dir, eval_batches, load_text_data
+from slcompile.recipes.distributed import DEFAULT_TIMEOUT_S, PARALLEL_MODES, DistContext
+from slcompile.recipes.files import atomic_path, check_writable, locked_run_dir
 from slcompile.recipes.models.llama import Llama
 from slcompile.recipes.schedule import build_scheduler
-from slcompile.transform import transform
+from slcompile.transform import TransformReport, transform
 
-METHODS = ("sltrain", "full", "lowrank", "lowrank-b0")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CHECKPOINT_VERSION = 1
+EXIT_STOPPED = 75  # EX_TEMPFAIL: a signal stopped the run after a checkpoint; rerunning resumes it
+MIN_VOCAB = 257  # byte-level BPE: 256 byte tokens + the end-of-text token
+MAX_LR = float(torch.finfo(torch.float32).max)  # the optimizers scale float32 tensors by it
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a training method does to the dense model, and which of ``--rank/--alpha/--density`` it reads."""
+
+    apply: Optional[Callable[[nn.Module, SLConfig], tuple[nn.Module, TransformReport]]]
+    reads: tuple[str, ...]
+
+
+METHODS: dict[str, Method] = {
+    "sltrain": Method(transform, ("rank", "alpha", "density")),
+    "full": Method(None, ()),
+    "lowrank": Method(partial(to_lowrank, init="matched"), ("rank", "alpha")),
+    "lowrank-b0": Method(partial(to_lowrank, init="paper"), ("rank", "alpha")),
+}
+FACTOR_FLAGS = ("rank", "alpha", "density")
 
 
 @dataclass(frozen=True)
@@ -81,6 +110,8 @@ class TrainConfig:
     state_bits: int = 32  # 32, or 8 / 4 for torchao quantized AdamW states
     int8_weights: bool = False  # SLTrain A, B, values stored as int8 (stochastic rounding)
     checkpoint_activations: bool = False  # recompute each decoder layer in backward
+    skip_nonfinite: bool = False  # skip (and count) steps whose loss or gradients are not finite
+    dist_timeout: float = DEFAULT_TIMEOUT_S  # seconds a rank waits for the others before failing
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -91,12 +122,22 @@ class TrainConfig:
             raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
         positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "eval_every": self.eval_every, "eval_rows": self.eval_rows, "log_every": self.log_every,
-                    "checkpoint_every": self.checkpoint_every, "vocab_size": self.vocab_size}
+                    "checkpoint_every": self.checkpoint_every, "vocab_size": self.vocab_size,
+                    "threads": 1 if self.threads is None else self.threads}
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
+        if self.vocab_size < MIN_VOCAB:
+            raise ValueError(f"--vocab-size must be >= {MIN_VOCAB} (the 256 byte tokens and end-of-text of the "
+                             f"byte-level BPE), got {self.vocab_size}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= MAX_LR):
+            raise ValueError(f"--lr must be a positive number below {MAX_LR:.3g}, got {self.lr!r}")
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            raise ValueError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout!r}")
+        ignored = [f"--{name}" for name in FACTOR_FLAGS
+                   if getattr(self, name) is not None and name not in METHODS[self.method].reads]
+        if ignored:
+            raise ValueError(f"--method {self.method} does not use {', '.join(ignored)}: drop the flag")
         if self.warmup is not None and not 0 <= self.warmup <= self.steps:
             raise ValueError(f"--warmup must lie in [0, --steps={self.steps}], got {self.warmup!r}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -105,13 +146,15 @@ class TrainConfig:
             raise ValueError(f"--clip must be > 0, got {self.clip!r}")
         if self.seq_len is not None and self.seq_len < 1:
             raise ValueError(f"--seq-len must be >= 1, got {self.seq_len!r}")
-        if self.state_bits not in (32, 8, 4):
-            raise ValueError(f"--state-bits must be 32, 8 or 4, got {self.state_bits!r}")
+        if self.state_bits not in STATE_BITS:
+            raise ValueError(f"--state-bits must be one of {', '.join(map(str, STATE_BITS))}, got {self.state_bits!r}")
         if self.int8_weights and self.method != "sltrain":
             raise ValueError("--int8-weights stores SLTrain's A, B and values: it needs --method sltrain")
         if self.parallel != "none" and self.uses_memory_stack:
             # Per-layer hooks fire before DDP's all-reduce and never on FSDP2's sharded gradients.
             raise ValueError("--per-layer, --state-bits and --int8-weights are not supported with --parallel yet")
+        if self.skip_nonfinite and self.per_layer:
+            raise ValueError("--skip-nonfinite cannot skip a --per-layer step: it updates the weights during backward")
 
     @property
     def uses_memory_stack(self) -> bool:
@@ -126,106 +169,170 @@ class TrainConfig:
 # cosine schedule depends on the total, so a longer run is a different run. `parallel`: DDP,
 # FSDP2 and one process compute the same updates (up to float rounding) and read each other's
 # distributed checkpoints. `checkpoint_activations`: recomputation gives the same values.
+# `skip_nonfinite`: finite steps are the same with or without it.
 RESUMABLE_FIELDS = {"out", "eval_every", "log_every", "checkpoint_every", "threads", "progress", "parallel",
-                    "export", "checkpoint_activations"}
+                    "export", "checkpoint_activations", "skip_nonfinite", "dist_timeout"}
+
+
+def check_hf_config(path: str) -> None:
+    """Refuse a ``--hf-config`` that ``transformers`` would reject only mid-run (or accept wrongly)."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--hf-config {path}: cannot read it as JSON ({exc})") from exc
+    if not isinstance(values, dict):
+        raise ValueError(f"--hf-config {path} must hold a JSON object (a LlamaConfig), not a {type(values).__name__}")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "head_dim"):
+        value = values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"--hf-config {path}: {key} must be an integer >= 1, got {value!r}")
+    hidden, heads = values.get("hidden_size", 4096), values.get("num_attention_heads", 32)  # LlamaConfig defaults
+    kv_heads = values.get("num_key_value_heads") or heads
+    if values.get("head_dim") is None and hidden % heads:
+        raise ValueError(f"--hf-config {path}: num_attention_heads {heads} must divide hidden_size {hidden}")
+    if heads % kv_heads:
+        raise ValueError(f"--hf-config {path}: num_key_value_heads {kv_heads} must divide num_attention_heads {heads}")
+    from transformers.activations import ACT2FN
+    if values.get("hidden_act", "silu") not in ACT2FN:
+        raise ValueError(f"--hf-config {path}: unknown hidden_act {values['hidden_act']!r}; known: "
+                         f"{', '.join(sorted(ACT2FN))}")
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[nn.Module, int, dict]:
     """The model for ``cfg`` with its method applied; returns ``(model, seq_len, method_info)``.
 
     Our LLaMA takes the paper's rank/alpha/density for its size unless overridden; a HF model
-    (``--hf-config``) needs ``--rank`` and ``--alpha``.
+    (``--hf-config``) needs ``--rank`` and ``--alpha``. ``method_info`` holds the values used.
     """
+    method = METHODS[cfg.method]
     if cfg.hf_config:
         from slcompile.recipes.models.hf import HFCausalLM, load_hf_llama_config
+        if method.apply is not None and (cfg.rank is None or cfg.alpha is None):
+            raise ValueError("--hf-config needs --rank and --alpha (no paper defaults for an arbitrary shape)")
         hf = load_hf_llama_config(cfg.hf_config, vocab_size)
         model, max_seq = HFCausalLM(hf), hf.max_position_embeddings
         if cfg.checkpoint_activations:
             model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.method != "full" and (cfg.rank is None or cfg.alpha is None):
-            raise ValueError("--hf-config needs --rank and --alpha (no paper defaults for an arbitrary shape)")
-        rank, alpha, density = cfg.rank, cfg.alpha, cfg.density if cfg.density is not None else 0.03
+        defaults = {"rank": None, "alpha": None, "density": 0.03}
     else:
         dim_cfg = replace(get_config(cfg.model), vocab_size=vocab_size)
         model, max_seq = Llama(dim_cfg, checkpoint_activations=cfg.checkpoint_activations), dim_cfg.max_seq_len
-        rank = cfg.rank if cfg.rank is not None else dim_cfg.rank
-        alpha = cfg.alpha if cfg.alpha is not None else dim_cfg.alpha
-        density = cfg.density if cfg.density is not None else dim_cfg.density
+        defaults = {name: getattr(dim_cfg, name) for name in FACTOR_FLAGS}
     seq_len = cfg.seq_len or max_seq
     if seq_len > max_seq:
         raise ValueError(f"--seq-len {seq_len} exceeds the model's maximum sequence length {max_seq}")
-    if cfg.method == "full":
-        return model.to(DTYPES[cfg.dtype]), seq_len, {}
-    info = {"rank": rank, "alpha": alpha, "density": density}
-    sl_cfg = SLConfig(rank=rank, alpha=alpha, density=density, seed=cfg.seed)
-    if cfg.method == "sltrain":
-        model, report = transform(model, sl_cfg)
-    else:
-        model, report = to_lowrank(model, sl_cfg, init="paper" if cfg.method == "lowrank-b0" else "matched")
+    dtype = DTYPES[cfg.dtype]
+    if method.apply is None:
+        return model.to(dtype), seq_len, {}
+    info = {name: getattr(cfg, name) if getattr(cfg, name) is not None else defaults[name] for name in method.reads}
+    model, report = method.apply(model, SLConfig(**{"density": 0.03, **info}, seed=cfg.seed))
+    for name, layer in model.named_modules():
+        if isinstance(layer, SLLinear) and layer.nnz == 0:
+            raise ValueError(f"--density {info['density']} leaves SLLinear {name!r} ({layer.out_features} x "
+                             f"{layer.in_features}) without sparse entries (nnz = 0): raise --density to at least "
+                             f"{1 / (layer.in_features * layer.out_features):.2g}, or use --method lowrank")
     info.update(linear_params_full=report.linear_params_before, linear_params=report.linear_params_after)
-    return model.to(DTYPES[cfg.dtype]), seq_len, info
+    return model.to(dtype), seq_len, info
+
+
+def resolve(cfg: TrainConfig, seq_len: int, info: dict) -> TrainConfig:
+    """``cfg`` with every default filled in by the value that runs: what ``config.json`` and the
+    checkpoint record, so a resume passing a default explicitly is the same run."""
+    return replace(cfg, seq_len=seq_len, warmup=cfg.warmup_steps,
+                   **{name: info[name] for name in FACTOR_FLAGS if name in info})
+
+
+def pin_paths(model: nn.Module, tokens: int, dtype: torch.dtype, ctx: DistContext,
+              recorded: Optional[dict[str, str]]) -> dict[str, str]:
+    """Fix the compute path of every ``SLLinear`` for the whole run; returns ``{name: path}``.
+
+    ``path="auto"`` decides per call from a per-process calibration, so two processes (a run and
+    its resume, or two ranks) may pick differently and round differently. Here each layer takes
+    the ``recorded`` choice of the run being resumed, or else rank 0's choice for a training
+    micro-batch of ``tokens`` tokens.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, SLLinear)}
+    if recorded is None:
+        with torch.enable_grad():
+            picks = [layer.path_for(torch.empty(tokens, layer.in_features, dtype=dtype, device=ctx.device))
+                     for layer in layers.values()]
+        factored = ctx.from_main([p == "factored" for p in picks])
+        recorded = {name: "factored" if f else "materialize" for name, f in zip(layers, factored)}
+    elif recorded.keys() != layers.keys():
+        raise ValueError("the checkpoint's path choices name other SLLinear layers than this model has")
+    for name, layer in layers.items():
+        layer.path = recorded[name]
+    return recorded
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG state as tensors and lists: a checkpoint must load with ``weights_only=True``."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": [version, list(internal), gauss_next]}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def save_checkpoint(path: Path, **state) -> None:
-    """``torch.save`` to a temporary file, then rename: the old checkpoint survives any crash."""
-    with atomic_path(path) as tmp:
-        torch.save({"version": CHECKPOINT_VERSION, **state}, tmp)
-
-
-def load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
-    """Load and validate ``path``; a corrupt or mismatched file is a ``ValueError`` (and is kept)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises several types for truncated/garbled files
-        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc}); "
-                         "it was left untouched: remove it to start over, or point --out elsewhere") from exc
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path} is not a slcompile v{CHECKPOINT_VERSION} training checkpoint")
-    saved = state["config"]
-    current = {k: v for k, v in _config_dict(cfg).items() if k not in RESUMABLE_FIELDS}
-    mismatched = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
-    if mismatched:
-        details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
-        raise ValueError(f"checkpoint {path} was written by a run with other settings ({details}); "
-                         "use the same settings or another --out")
-    return state
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def _config_dict(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as stored in checkpoints
 
 
-def _parse_line(line: str) -> dict | None:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:  # the last line of a killed run may be cut short
-        return None
+def check_resumable(meta: dict, cfg: TrainConfig, where: Path) -> None:
+    """Refuse a checkpoint written by a run with other (resolved) settings."""
+    saved = meta["config"]
+    current = {k: v for k, v in _config_dict(cfg).items() if k not in RESUMABLE_FIELDS}
+    mismatched = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if mismatched:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
+        raise ValueError(f"checkpoint {where} was written by a run with other settings ({details}); "
+                         "use the same settings or another --out")
 
 
-def _write_jsonl_prefix(path: Path, max_step: int) -> None:
-    """Drop log lines written after the checkpoint being resumed (they will be redone)."""
+def _truncate_metrics(path: Path, max_step: int) -> None:
+    """Drop log lines written after the checkpoint being resumed (they will be redone); a cut last
+    line of a killed run is dropped too."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if (record := _parse_line(line)) is not None and record["step"] <= max_step]
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue
+            raise ValueError(f"{path} line {number} is not JSON: remove or fix that line to resume") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path} line {number} has no integer \"step\": remove or fix that line to resume")
+        if record["step"] <= max_step:
+            kept.append(line + "\n")
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(kept))
+
+
+def _write_json(path: Path, value: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, infinite past float range (a diverged run reports ``inf``, not ``OverflowError``)."""
+    return math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, rows: np.ndarray, batch_size: int, dtype: torch.dtype,
-             ctx: DistContext = DistContext()) -> float:
-    """Mean next-token cross-entropy over ``rows`` (token-weighted); ranks share the batches out."""
+def evaluate(model: nn.Module, rows: np.ndarray, batch_size: int, ctx: DistContext = DistContext()) -> float:
+    """Mean next-token cross-entropy over ``rows`` (token-weighted) in the model's own dtype; ranks
+    share the batches out."""
     model.eval()
     batches = list(eval_batches(rows, batch_size))
     total, count = 0.0, 0
@@ -247,164 +354,272 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class Stopped(Exception):
+    """A SIGTERM/SIGINT stopped the run after it saved a checkpoint (rerun the command to resume)."""
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[list[str]]:
+    """Turn SIGTERM/SIGINT into a request (the list gets the signal's name) that the loop honours
+    after the current step; a second signal acts as before (kills). Main thread only."""
+    requests: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requests
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum, frame):
+        requests.append(signal.Signals(signum).name)
+        signal.signal(signum, previous[signum])
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield requests
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@dataclass
+class Run:
+    """A set-up run: the resolved config, the model and its training state, where it writes."""
+
+    cfg: TrainConfig
+    ctx: DistContext
+    out: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: BatchIterator
+    val_rows: np.ndarray
+    checkpointer: Checkpointer
+    info: dict
+    paths: dict[str, str]
+    vocab_size: int
+    step: int = 0
+    tokens: int = 0
+    skipped: int = 0
+    saved_step: Optional[int] = None
+    log: Optional[TextIO] = None
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len
+
+    def write(self, record: dict) -> None:
+        if self.log is not None:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+
+
+def setup(cfg: TrainConfig, ctx: DistContext, stack: contextlib.ExitStack) -> Run:
+    """Everything before the first step, cheapest checks first: settings and model, the run folder
+    (locked on rank 0 for the life of ``stack``), the checkpoint to resume, the data, the state.
+
+    Each phase fails on every rank or on none (:meth:`DistContext.all_or_none`), so an error on
+    one rank is one clear error, not a hang until ``--dist-timeout``.
+    """
+    with ctx.all_or_none("checking the settings and --out"):
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        ctx.check_batch_size(cfg.batch_size)
+        if cfg.export and importlib.util.find_spec("safetensors") is None:
+            raise ValueError("--export needs `pip install safetensors`")
+        if cfg.hf_config:
+            check_hf_config(cfg.hf_config)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        model, seq_len, info = build_model(cfg, cfg.vocab_size)
+        cfg = resolve(cfg, seq_len, info)
+        out = Path(cfg.out)
+        checkpointer = Checkpointer(out, ctx)
+        if ctx.is_main:
+            stack.enter_context(locked_run_dir(out))
+            check_writable(cache_dir(), "the data cache (SLCOMPILE_CACHE)")
+            checkpointer.recover()
+    with ctx.all_or_none("reading the checkpoint"):
+        meta = checkpointer.load_meta() if checkpointer.directory.exists() else None
+        if meta is not None:
+            check_resumable(meta, cfg, checkpointer.directory)
+    with ctx.all_or_none("filling the data cache"):
+        if ctx.is_main:  # rank 0 fills the tokenizer/token cache, the others then read it
+            load_text_data(cfg.corpora, cfg.vocab_size)
+    with ctx.all_or_none("loading the data and the model state"):
+        data = replace(load_text_data(cfg.corpora, cfg.vocab_size), seq_len=seq_len)
+        if data.vocab_size != cfg.vocab_size:
+            raise ValueError(f"--vocab-size {cfg.vocab_size}: the tokenizer reached only {data.vocab_size} entries "
+                             f"on these corpora; pass --vocab-size {data.vocab_size}")
+        val_rows = data.val[:cfg.eval_rows]
+        if len(val_rows) == 0:
+            raise ValueError("the validation split is empty: use more corpora or a shorter --seq-len")
+        distributed.verify_supports(model, ctx)
+        model = model.to(ctx.device)
+        micro_tokens = cfg.batch_size // ctx.world_size * seq_len
+        paths = pin_paths(model, micro_tokens, DTYPES[cfg.dtype], ctx, meta["paths"] if meta else None)
+        model = distributed.wrap(model, ctx)
+        optimizer = build_optimizer(model, cfg)
+        scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        run = Run(cfg, ctx, out, model, optimizer, scheduler, BatchIterator(data.train, cfg.batch_size, seed=cfg.seed),
+                  val_rows, checkpointer, info, paths, data.vocab_size)
+        if meta is not None:
+            checkpointer.load_state(model, optimizer)
+            scheduler.load_state_dict(meta["scheduler"])
+            run.batches.load_state_dict(meta["data"])
+            _set_rng_state(meta["rng"])  # rank 0's under --parallel: every rank drew the same numbers
+            run.step = run.saved_step = meta["step"]
+            run.tokens, run.skipped = meta["tokens"], meta["skipped"]
+        if ctx.is_main:
+            run.log = _open_metrics(out / "metrics.jsonl", run.step if meta else None, stack)
+            _write_json(out / "config.json", _config_dict(cfg))
+    return run
+
+
+def _open_metrics(path: Path, resumed_step: Optional[int], stack: contextlib.ExitStack) -> TextIO:
+    """``metrics.jsonl`` for appending (never through a symlink): cut back to ``resumed_step``, or
+    emptied for a fresh run."""
+    if resumed_step is not None:
+        _truncate_metrics(path, resumed_step)
+    elif path.exists():
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    return stack.enter_context(os.fdopen(fd, "a"))
+
+
+def train_step(run: Run) -> tuple[float, Optional[float], float]:
+    """One optimizer step over ``grad_accum`` micro-batches; ``(global mean loss, grad norm, lr)``.
+
+    A non-finite loss or gradient stops the run before the update (or, with
+    ``--skip-nonfinite``, skips the update and counts it): the weights stay as last checkpointed.
+    """
+    cfg, ctx, optimizer = run.cfg, run.ctx, run.optimizer
+    micro_batches = [ctx.local_batch(next(run.batches)) for _ in range(cfg.grad_accum)]
+
+    def forward_backward() -> float:
+        """All micro-batches of one update; the mean loss (run twice by two-pass clipping)."""
+        loss_sum = 0.0
+        for micro, (inputs, targets) in enumerate(micro_batches):
+            with distributed.gradient_sync(run.model, micro == cfg.grad_accum - 1):
+                loss = run.model(inputs, targets)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach())
+        return loss_sum / cfg.grad_accum
+
+    grad_norm, lr = None, optimizer.param_groups[0]["lr"]
+    if cfg.per_layer:  # parameters are updated during backward (with clipping: two passes)
+        loss = ctx.mean(optimizer.step(forward_backward) if cfg.clip is not None else forward_backward())
+    else:
+        loss = ctx.mean(forward_backward())
+        if cfg.clip is not None or cfg.skip_nonfinite:
+            grad_norm = distributed.clip_grad_norm(run.params, cfg.clip or math.inf)
+    finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+    if not finite and not cfg.skip_nonfinite:
+        raise FloatingPointError(f"loss became {loss} (gradient norm {grad_norm}) at step {run.step + 1}; lower --lr "
+                                 f"(now {cfg.lr}), or pass --skip-nonfinite; the last checkpoint ({_saved(run)}) "
+                                 "was kept")
+    if finite and not cfg.per_layer:
+        optimizer.step()
+    run.skipped += not finite
+    run.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.tokens += run.tokens_per_step
+    return loss, grad_norm, lr
+
+
+def _saved(run: Run) -> str:
+    return f"step {run.saved_step}" if run.saved_step is not None else "none yet"
+
+
+def save_checkpoint(run: Run) -> None:
+    """Checkpoint the run, after checking that every parameter is finite: a diverged run never
+    overwrites its last good checkpoint."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in run.params]
+    if run.ctx.any(not all(bool(torch.isfinite(p.detach()).all()) for p in local)):
+        raise FloatingPointError(f"the weights are not finite after step {run.step}: not saved; lower --lr "
+                                 f"(now {run.cfg.lr}); the last checkpoint ({_saved(run)}) was kept")
+    meta = dict(config=_config_dict(run.cfg), step=run.step, tokens=run.tokens, skipped=run.skipped,
+                scheduler=run.scheduler.state_dict(), data=run.batches.state_dict(), rng=_rng_state(), paths=run.paths)
+    run.checkpointer.save(run.model, run.optimizer, meta)
+    run.saved_step = run.step
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as ``cfg`` says; returns the summary also written to ``summary.json``.
 
-    With ``cfg.parallel`` ``"ddp"``/``"fsdp2"``, call it on every torchrun rank.
+    With ``cfg.parallel`` ``"ddp"``/``"fsdp2"``, call it on every torchrun rank. Raises
+    :class:`Stopped` after checkpointing when a SIGTERM/SIGINT arrives (main thread only).
     """
-    with distributed.process_group(cfg.parallel) as ctx:
-        return _train(cfg, ctx)
+    with (distributed.process_group(cfg.parallel, cfg.dist_timeout) as ctx, contextlib.ExitStack() as stack,
+          _stop_requests() as stop):
+        with ctx.all_or_none("setting up the run"):
+            run = setup(cfg, ctx, stack)
+        return _loop(run, stop)
 
 
-def _checkpoint_path(out: Path, ctx: DistContext) -> Path:
-    """``checkpoint.pt`` for one process, the DCP directory ``checkpoint/`` under ``--parallel``;
-    refuses a run directory that holds the other kind."""
-    names = ("checkpoint", "checkpoint.pt") if ctx.enabled else ("checkpoint.pt", "checkpoint")
-    path, other = out / names[0], out / names[1]
-    if other.exists():
-        how = ("without --parallel" if ctx.enabled else
-               "under torchrun with --parallel ddp or fsdp2 (any number of ranks dividing --batch-size)")
-        raise ValueError(f"{out} holds a {'single-process' if ctx.enabled else 'distributed'} checkpoint "
-                         f"({other.name}): resume it {how}, or use another --out")
-    return path
-
-
-def _train(cfg: TrainConfig, ctx: DistContext) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    ctx.check_batch_size(cfg.batch_size)
-    if cfg.export and importlib.util.find_spec("safetensors") is None:
-        raise ValueError("--export needs `pip install safetensors`")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = _checkpoint_path(out, ctx), out / "metrics.jsonl"
-    if ctx.enabled:
-        found = distributed.restore_interrupted_save(ckpt_path, ctx)
-        resume = load_checkpoint(ckpt_path / distributed.META_FILE, cfg) if found else None
-    else:
-        resume = load_checkpoint(ckpt_path, cfg) if ckpt_path.exists() else None
-
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    with ctx.main_first():  # rank 0 fills the tokenizer/token cache, the others read it
-        data = load_text_data(cfg.corpora, cfg.vocab_size)
-    model, seq_len, info = build_model(cfg, data.vocab_size)
-    data = replace(data, seq_len=seq_len)
-    device = ctx.device
-    train_rows, val_rows = data.train, data.val[:cfg.eval_rows]
-    if len(val_rows) == 0:
-        raise ValueError("the validation split is empty: use more corpora or a shorter --seq-len")
-    batches = BatchIterator(train_rows, cfg.batch_size, seed=cfg.seed)
-    distributed.verify_supports(model, ctx)
-    model = distributed.wrap(model.to(device), ctx)
-    optimizer = build_optimizer(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-    dtype = DTYPES[cfg.dtype]
-
-    start, tokens = 0, 0
-    if resume is not None:
-        if ctx.enabled:
-            distributed.load_checkpoint(ckpt_path, model, optimizer)
-        else:
-            model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        batches.load_state_dict(resume["data"])
-        _set_rng_state(resume["rng"])  # rank 0's under --parallel: every rank drew the same numbers
-        start, tokens = resume["step"], resume["tokens"]
-        if ctx.is_main:
-            _write_jsonl_prefix(log_path, start)
-    elif ctx.is_main and log_path.exists():
-        log_path.unlink()
-    if ctx.is_main:
-        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2) + "\n")
-
-    trainable = sum(p.numel() for p in params)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len
-    log = log_path.open("a") if ctx.is_main else None
+def _loop(run: Run, stop: list[str]) -> dict:
+    cfg, ctx = run.cfg, run.ctx
     progress = None
     if cfg.progress and ctx.is_main:
         from tqdm import tqdm
-        progress = tqdm(total=cfg.steps, initial=start, desc=cfg.method, dynamic_ncols=True, file=sys.stderr)
-    train_time, val_loss = 0.0, None
-
-    def write(record: dict) -> None:
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-
-    for step in range(start, cfg.steps):
-        began = time.perf_counter()
-        micro_batches = [ctx.local_batch(next(batches)) for _ in range(cfg.grad_accum)]
-
-        def forward_backward() -> float:
-            """All micro-batches of one update; the mean loss (run twice by two-pass clipping)."""
-            loss_sum = 0.0
-            for micro, (inputs, targets) in enumerate(micro_batches):
-                with distributed.gradient_sync(model, micro == cfg.grad_accum - 1):
-                    loss = model(inputs, targets)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss.detach())
-            return loss_sum / cfg.grad_accum
-
-        grad_norm = None
-        lr = optimizer.param_groups[0]["lr"]
-        if cfg.per_layer and cfg.clip is not None:
-            mean_loss = optimizer.step(forward_backward)  # global-norm clipping inside backward: two passes
-        else:
-            mean_loss = forward_backward()  # per layer: parameters are updated during this backward
-            if cfg.clip is not None:
-                grad_norm = distributed.clip_grad_norm(params, cfg.clip)
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_time += time.perf_counter() - began
-        tokens += tokens_per_step
-        loss_value = ctx.mean(mean_loss)
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower --lr (now {cfg.lr})")
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            write({"step": done, "loss": loss_value, "lr": lr, "tokens": tokens, "grad_norm": grad_norm,
-                   "tokens_per_s": tokens_per_step * (done - start) / max(train_time, 1e-9)})
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            val_loss = evaluate(model, val_rows, cfg.batch_size, dtype, ctx)
-            write({"step": done, "val_loss": val_loss, "val_ppl": math.exp(val_loss), "tokens": tokens})
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            meta = dict(config=_config_dict(cfg), step=done, tokens=tokens, scheduler=scheduler.state_dict(),
-                        data=batches.state_dict(), rng=_rng_state())
-            if ctx.enabled:
-                distributed.save_checkpoint(ckpt_path, model, optimizer, {"version": CHECKPOINT_VERSION, **meta},
-                                            ctx)
-            else:
-                save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(), **meta)
+        progress = tqdm(total=cfg.steps, initial=run.step, desc=cfg.method, dynamic_ncols=True,
+                        file=sys.stderr)
+    start, train_time, val_loss = run.step, 0.0, None
+    try:
+        while run.step < cfg.steps:
+            began = time.perf_counter()
+            loss, grad_norm, lr = train_step(run)
+            train_time += time.perf_counter() - began
+            done = run.step
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                run.write({"step": done, "loss": loss, "lr": lr, "tokens": run.tokens, "grad_norm": grad_norm,
+                           "skipped_steps": run.skipped,
+                           "tokens_per_s": run.tokens_per_step * (done - start) / max(train_time, 1e-9)})
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                val_loss = evaluate(run.model, run.val_rows, cfg.batch_size, ctx)
+                run.write({"step": done, "val_loss": val_loss, "val_ppl": perplexity(val_loss), "tokens": run.tokens})
+            stopping = ctx.any(bool(stop))
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
+                save_checkpoint(run)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{run.tokens_per_step / (time.perf_counter() - began):.0f}")
+            if stopping and done < cfg.steps:
+                raise Stopped(f"stopped by {stop[0] if stop else 'a signal on another rank'} after step {done} of "
+                              f"{cfg.steps}; the checkpoint in {run.checkpointer.directory} holds it: rerun the same "
+                              "command to resume")
+    finally:
         if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / (time.perf_counter() - began):.0f}")
-    if progress is not None:
-        progress.close()
-    if log is not None:
-        log.close()
+            progress.close()
     if val_loss is None:  # resumed a finished run: report its last evaluation
-        val_loss = evaluate(model, val_rows, cfg.batch_size, dtype, ctx)
-    if cfg.export:
-        distributed.export_safetensors(model, lambda: build_model(cfg, data.vocab_size)[0], out / "model.safetensors",
-                                       ctx, metadata={"method": cfg.method, "model": cfg.hf_config or cfg.model,
-                                                      "step": str(cfg.steps), "seed": str(cfg.seed)})
+        val_loss = evaluate(run.model, run.val_rows, cfg.batch_size, ctx)
+    return _finish(run, val_loss, train_time, start)
 
+
+def _finish(run: Run, val_loss: float, train_time: float, start: int) -> dict:
+    """Export (with ``--export``) and write ``summary.json``."""
+    cfg, ctx = run.cfg, run.ctx
+    if cfg.export:
+        distributed.export_safetensors(run.model, lambda: build_model(cfg, run.vocab_size)[0],
+                                       run.out / "model.safetensors", ctx,
+                                       metadata={"method": cfg.method, "model": cfg.hf_config or cfg.model,
+                                                 "step": str(cfg.steps), "seed": str(cfg.seed)})
     summary = {
         "method": cfg.method, "model": cfg.hf_config or cfg.model, "lr": cfg.lr, "steps": cfg.steps,
-        "tokens": tokens, "seq_len": seq_len, "trainable_params": trainable,
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "state_bytes": _state_bytes(params, optimizer), "peak_memory_bytes": peak_memory_bytes(device),
-        "tokens_per_s": tokens_per_step * (cfg.steps - start) / train_time if train_time else None,
-        "val_loss": val_loss, "val_ppl": math.exp(val_loss), "parallel": cfg.parallel,
-        "world_size": ctx.world_size, **info,
+        "tokens": run.tokens, "seq_len": cfg.seq_len, "trainable_params": sum(p.numel() for p in run.params),
+        "total_params": sum(p.numel() for p in run.model.parameters()),
+        "state_bytes": _state_bytes(run.params, run.optimizer), "peak_memory_bytes": peak_memory_bytes(ctx.device),
+        "tokens_per_s": run.tokens_per_step * (cfg.steps - start) / train_time if train_time else None,
+        "val_loss": val_loss, "val_ppl": perplexity(val_loss), "parallel": cfg.parallel,
+        "world_size": ctx.world_size, "skipped_steps": run.skipped, "paths": run.paths, **run.info,
     }
     if ctx.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_json(run.out / "summary.json", summary)
     return summary
 
 
@@ -442,7 +657,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             parser.add_argument(flag, default=default, choices=PARALLEL_MODES,
                                 help="data parallelism under torchrun (gloo on CPU, NCCL on GPU)")
         elif f.name in ("method", "dtype"):
-            parser.add_argument(flag, default=default, choices=METHODS if f.name == "method" else list(DTYPES))
+            parser.add_argument(flag, default=default, choices=list(METHODS if f.name == "method" else DTYPES))
         else:
             kind = {"int": int, "float": float}.get(type(default).__name__, str)
             if default is None:
@@ -458,10 +673,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI; the exit code is 0, 2 (an ``error:`` line) or :data:`EXIT_STOPPED`."""
     cfg = parse_args(argv)
     try:
         summary = train(cfg)
-    except (ValueError, FloatingPointError) as exc:
+    except Stopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
+    except (ValueError, FloatingPointError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

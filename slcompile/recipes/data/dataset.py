@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from slcompile.recipes.data.corpora import Document, content_hash, load_documents
 from slcompile.recipes.data.tokenizer import EOS, cache_dir, get_tokenizer, tokenizer_hash
-from slcompile.recipes.files import atomic_path
+from slcompile.recipes.files import cached
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -50,18 +50,27 @@ def tokenize_documents(documents: Sequence[Document], tokenizer: Tokenizer,
     """All documents' token ids, each followed by the EOS id: 1-D uint16/uint32 array.
 
     Cached as ``<split>-<key>.npy`` under ``cache`` (default :func:`cache_dir`), keyed by the
-    tokenizer's definition and the documents' content.
+    tokenizer's definition and the documents' content, with its sha256 beside it (a damaged
+    file is rebuilt; ids outside the vocabulary are refused, naming the file).
     """
     key = hashlib.sha256(f"{tokenizer_hash(tokenizer)}:{content_hash(documents)}".encode())
     path = (cache or cache_dir()) / f"{split}-{key.hexdigest()[:16]}.npy"
-    if path.exists():
-        return np.load(path)
-    dtype, eos = token_dtype(tokenizer.get_vocab_size()), tokenizer.token_to_id(EOS)
-    encodings = tokenizer.encode_batch([doc.text for doc in documents])
-    tokens = np.concatenate([np.asarray(enc.ids + [eos], dtype=dtype) for enc in encodings]
-                            or [np.empty(0, dtype)])
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, tokens)  # a file object, because np.save appends ".npy" to other names
+    vocab_size = tokenizer.get_vocab_size()
+
+    def build() -> np.ndarray:
+        dtype, eos = token_dtype(vocab_size), tokenizer.token_to_id(EOS)
+        encodings = tokenizer.encode_batch([doc.text for doc in documents])
+        return np.concatenate([np.asarray(enc.ids + [eos], dtype=dtype) for enc in encodings]
+                              or [np.empty(0, dtype)])
+
+    def save(tokens: np.ndarray, tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object, because np.save appends ".npy" to other names
+            np.save(f, tokens)
+
+    tokens = cached(path, lambda file: np.load(file, allow_pickle=False), build, save)
+    if tokens.ndim != 1 or (tokens.size and int(tokens.max()) >= vocab_size):
+        raise ValueError(f"token cache {path} holds ids outside the tokenizer's {vocab_size} entries (or is not "
+                         "1-D): remove it (and its .sha256) to rebuild it")
     return tokens
 
 

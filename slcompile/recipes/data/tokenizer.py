@@ -15,7 +15,7 @@ import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from slcompile.recipes.data.corpora import Document, content_hash
-from slcompile.recipes.files import atomic_path
+from slcompile.recipes.files import cached
 
 EOS = "<|endoftext|>"
 # Bump when the training recipe below changes, so cached tokenizers are retrained.
@@ -51,14 +51,17 @@ def get_tokenizer(documents: Sequence[Document], vocab_size: int = 4096,
                   cache: Path | None = None) -> Tokenizer:
     """The tokenizer trained on ``documents`` (pass the training split only), from the cache if
     an identical one was trained before, else trained now and stored under ``cache``
-    (default :func:`cache_dir`) as ``tokenizer-<key>.json``."""
+    (default :func:`cache_dir`) as ``tokenizer-<key>.json`` with its sha256 (a damaged file is retrained)."""
     path = (cache or cache_dir()) / f"tokenizer-{tokenizer_key(documents, vocab_size)}.json"
-    if path.exists():
-        return Tokenizer.from_file(str(path))
-    tokenizer = train_tokenizer([doc.text for doc in documents], vocab_size)
-    with atomic_path(path) as tmp:
-        tokenizer.save(str(tmp))
-    return tokenizer
+
+    def load(file: Path) -> Tokenizer:
+        try:
+            return Tokenizer.from_file(str(file))
+        except Exception as exc:  # tokenizers raises its own Exception type for a bad file
+            raise ValueError(str(exc)) from exc
+
+    return cached(path, load, lambda: train_tokenizer([doc.text for doc in documents], vocab_size),
+                  lambda tokenizer, tmp: tokenizer.save(str(tmp)))
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
