@@ -78,6 +78,10 @@ def test_tied_shared_wrapped_and_mha_linears_are_kept():
     parametrize.register_parametrization(model.param, "weight", nn.Identity())
     _, report = slcompile.transform(model, SLConfig(rank=2, head_names=("nothing",)))
     assert report.kept["lm_head"] == "weight tied to an embedding"
+    # kept means untouched: still the embedding's tensor, so a step on one moves the other
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.embed.weight
+    model(torch.tensor([[1, 2]])).sum().backward()
+    assert model.embed.weight.grad[[1, 2]].abs().sum() > 0 and model.embed.weight.grad[3:].abs().sum() > 0
     assert report.kept["extra"] == report.kept["extra2"] == "weight shared with another module"
     assert "MultiheadAttention" in report.kept["attn.out_proj"]
     assert "parametrized" in report.kept["param"]
