@@ -1,4 +1,7 @@
 """``slcompile::sl_linear_factored`` against float64 dense matrices, opcheck, and ``sl_linear``."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -128,3 +131,20 @@ def test_transients_do_not_grow_with_tokens(replayed_peak):
         grads = sl_linear_factored_backward(grad_y, x, A, B, values, support, 0.5, True)
     ends = sum(g.nbytes for g in grads)
     assert ends <= replayed_peak(prof) <= ends + low_rank + per_block  # x A^T freed before dY B
+
+
+def test_csr_beta_warning_is_silenced_at_the_call_only():
+    """No process-wide warning filter from importing slcompile, and no warning from the op's CSR
+    tensors (torch warns once per process: hence a fresh interpreter)."""
+    script = """
+import warnings
+import torch, slcompile
+from slcompile.ops_factored import sl_linear_factored
+from slcompile.support import generate_support
+assert not any("Sparse CSR" in getattr(f[1], "pattern", "") for f in warnings.filters), warnings.filters
+warnings.simplefilter("error")
+sl_linear_factored(torch.randn(3, 8), torch.randn(2, 8), torch.randn(8, 2), torch.randn(6),
+                   generate_support(8, 8, 6, 0), 0.5)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

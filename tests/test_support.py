@@ -23,6 +23,7 @@ def test_nnz_matches_the_paper_count():
     assert nnz_for(512, 512, 0.03) == 7864
     assert nnz_for(512, 1376, 0.03) == 21135
     assert nnz_for(4096, 11008, 0.05) == int(0.05 * 4096 * 11008)
+    assert nnz_for(64, 64, 0.03) == 122  # 122.88: truncated, never rounded
 
 
 def test_support_ignores_and_preserves_global_rng():

@@ -63,7 +63,7 @@ def test_matches_adamw_bf16():
     reference_run(ref, data)
     run(model, build(model, lr=LR, weight_decay=WD), data)
     assert model[0].A.dtype == torch.bfloat16
-    assert_same_params(ref, model, atol=1e-2, rtol=1e-2)
+    assert_same_params(ref, model)  # bit-identical too: one skipped or repeated step moves a weight by ~lr
 
 
 def test_updates_happen_in_backward_and_free_grads():
