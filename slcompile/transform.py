@@ -217,13 +217,13 @@ def check_targets_used(cfg: SLConfig, names: list[str]) -> None:
 
 def default_keep_reasons(model: nn.Module) -> dict[int, str]:
     """``{id(module): reason}`` for the linear-like modules the default selection keeps dense though it
-    could replace them: ``model.get_output_embeddings()`` (if the model has it) and MoE routers (the
-    linear-like children of a module with an ``experts`` child)."""
+    could replace them: ``model.get_output_embeddings()`` (if the model has it) and MoE routers (children
+    named ``*gate*`` or ``*router*`` of a module with an ``experts`` child)."""
     reasons = {}
     for parent in model.modules():
         if isinstance(getattr(parent, "experts", None), nn.Module):
-            for child in parent.children():
-                if child is not parent.experts:
+            for name, child in parent.named_children():
+                if "gate" in name or "router" in name:
                     reasons[id(child)] = "MoE router: its top-k choice stays dense"
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
@@ -242,10 +242,10 @@ def _projection_like(attr: str, param: torch.Tensor) -> bool:
     return param.dim() in (2, 3) and min(param.shape) > 1 and not re.search("emb|token", attr)
 
 
-def unsupported_reason(module: nn.Module, attr: str, param: torch.Tensor) -> str:
-    """Why the projection-like parameter ``attr`` of ``module`` (no linear-like module) stays dense."""
+def unsupported_reason(path: str, module: nn.Module, param: torch.Tensor) -> str:
+    """Why the projection-like parameter at ``path``, of ``module`` (no linear-like module), stays dense."""
     owner = type(module).__name__
-    if param.dim() == 3 and "expert" in owner.lower():
+    if param.dim() == 3 and "expert" in f"{path}.{owner}".lower():
         return f"fused MoE expert weights {tuple(param.shape)} of {owner}: not supported, stays dense"
     if param.dim() == 3:
         return f"stacked 3-D weight {tuple(param.shape)} of {owner}: not supported, stays dense"
@@ -257,8 +257,6 @@ def select_linears(model: nn.Module, cfg: SLConfig) -> tuple[list[tuple[str, nn.
     a ``Conv1D`` a transposed view, see :class:`LinearKind`), and ``{name: reason}`` for every one kept
     and every other projection-like weight (2-D or stacked 3-D parameter outside embeddings and
     convolutions: under its module's name if it is the ``weight``, else under the parameter's path)."""
-    names = [name for name, _ in model.named_modules()]
-    check_targets_used(cfg, names)
     tied, shared = shared_weights(model)
     defaults = default_keep_reasons(model)
     chosen, kept = [], {}
@@ -282,7 +280,8 @@ def select_linears(model: nn.Module, cfg: SLConfig) -> tuple[list[tuple[str, nn.
                 path = f"{name}.{attr}" if name else attr
                 pname = name if attr == "weight" else path
                 kept[pname] = linear_keep_reason(pname, param, cfg, tied, shared,
-                                                 unsupported_reason(module, attr, param), defaults.get(id(module)))
+                                                 unsupported_reason(path, module, param), defaults.get(id(module)))
+    check_targets_used(cfg, [name for name, _ in model.named_modules()] + list(kept))
     return chosen, kept
 
 

@@ -312,3 +312,44 @@ def test_symbolic_trace_of_a_transformed_model_calls_the_op():
     assert torch.ops.slcompile.sl_linear.default in targets or torch.ops.slcompile.sl_linear in targets
     x = torch.randn(3, 6)
     torch.testing.assert_close(gm(x), model(x))
+
+
+def test_weight_metadata_costs_nothing_and_values_are_the_dense_weight(monkeypatch):
+    layer = SLLinear(8, 6, rank=2, density=0.3, dtype=torch.float64)
+    with torch.no_grad():
+        layer.B.normal_()
+    keys, params = list(layer.state_dict()), [n for n, _ in layer.named_parameters()]
+    calls = []
+    real = SLLinear.dense_weight
+    monkeypatch.setattr(SLLinear, "dense_weight", lambda self: calls.append(1) or real(self))
+    w = layer.weight
+    assert (w.dtype, w.device, w.shape, w.size(1), w.ndim, w.dim(), w.numel()) == \
+        (torch.float64, torch.device("cpu"), (6, 8), 8, 2, 2, 48)
+    assert w.requires_grad and w.is_floating_point() and isinstance(w, torch.Tensor) and calls == []
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(nn.functional.linear(x, layer.weight, layer.bias), layer(x))
+    assert torch.equal(w.detach(), real(layer).detach()) and calls == [1, 1]
+    (x @ w.T).sum().backward()  # differentiable into the factors
+    assert layer.A.grad is not None and layer.values.grad is not None
+    assert list(layer.state_dict()) == keys and [n for n, _ in layer.named_parameters()] == params
+    for write in (lambda: w.add_(1), lambda: nn.init.normal_(w), lambda: w.copy_(torch.zeros(6, 8))):
+        with pytest.raises(RuntimeError, match="in-place .* change the layer's A, B or values"):
+            write()
+    layer.requires_grad_(False)
+    assert not layer.weight.requires_grad
+
+
+@pytest.mark.compile
+def test_weight_dtype_reads_work_under_compile():
+    class T5Style(nn.Module):  # modeling_t5 casts to self.wo.weight.dtype before the output projection
+        def __init__(self):
+            super().__init__()
+            self.wo = SLLinear(8, 8, rank=2, density=0.3)
+
+        def forward(self, h):
+            if h.dtype != self.wo.weight.dtype:
+                h = h.to(self.wo.weight.dtype)
+            return self.wo(h)
+
+    model, x = T5Style(), torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))

@@ -198,3 +198,71 @@ def test_compiled_fullgraph_equals_eager():
     torch.testing.assert_close(loss, eager_loss)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D as transformers writes it: ``y = x @ W + b`` with ``W (in, nf)``."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+class MoE(nn.Module):
+    """A router, fused 3-D experts ``(E, out, in)`` and a dense shared expert."""
+
+    def __init__(self, dim=16, experts=4):
+        super().__init__()
+        self.gate = nn.Linear(dim, experts, bias=False)
+        self.experts = nn.Module()
+        self.experts.up = nn.Parameter(torch.randn(experts, 2 * dim, dim) * 0.1)
+        self.shared = nn.Linear(dim, dim)
+
+    def forward(self, h):
+        weights = self.gate(h).softmax(-1)
+        per_expert = torch.einsum("...d,eod->...eo", h, self.experts.up)[..., :h.shape[-1]]
+        return self.shared(h) + (weights[..., None] * per_expert).sum(-2)
+
+
+def test_conv1d_is_replaced_and_merged_back_to_conv1d():
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(24, 8), nn.GELU(), Conv1D(8, 24))
+    model, report = slcompile.transform(model, SLConfig(rank=4, alpha=4.0, density=0.2))
+    assert [(r.name, r.in_features, r.out_features, r.has_bias) for r in report.replaced] == \
+        [("0", 8, 24, True), ("2", 24, 8, True)]
+    assert isinstance(model[0], SLLinear) and model[0].dense_cls is Conv1D
+    with torch.no_grad():
+        model[0].B.normal_()
+    x = torch.randn(2, 5, 8)
+    expected, dense = model(x), model[0].dense_weight().detach()
+    merged = slcompile.merge(model)
+    assert type(merged[0]) is Conv1D and torch.equal(merged[0].weight, dense.T)
+    torch.testing.assert_close(merged(x), expected)
+
+
+def test_output_embeddings_routers_and_fused_experts_are_accounted_for():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = MoE()
+            self.attn = nn.MultiheadAttention(16, 2)
+            self.to_vocab = nn.Linear(16, 50)
+
+        def get_output_embeddings(self):
+            return self.to_vocab
+
+    model, report = slcompile.transform(Model(), SLConfig(rank=2))
+    assert [r.name for r in report.replaced] == ["block.shared"]
+    assert report.kept["to_vocab"] == "output head (get_output_embeddings())"
+    assert report.kept["block.gate"].startswith("MoE router")
+    assert report.kept["block.experts.up"].startswith("fused MoE expert weights (4, 32, 16)")
+    assert "MultiheadAttention" in report.kept["attn.in_proj_weight"]
+    model, report = slcompile.transform(Model(), SLConfig(rank=2, targets=("to_vocab", "gate")))
+    assert [r.name for r in report.replaced] == ["block.gate", "to_vocab"]
+    with pytest.raises(ValueError, match="selects 'block.experts.up'.*fused MoE expert weights"):
+        slcompile.transform(Model(), SLConfig(rank=2, targets=("experts.up",)))
