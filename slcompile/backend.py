@@ -1,6 +1,6 @@
 """The ``slcompile`` ``torch.compile`` backend: Inductor (``compile_fx``) plus our passes.
 
-    model = torch.compile(model, backend="slcompile")                      # entry point: no import needed
+    model = torch.compile(model, backend="slcompile")   # registered by `import slcompile` and the entry point
     model = torch.compile(model, backend="slcompile", options={"fuse_shared_input": False})
     model = torch.compile(model, backend=slcompile.backend.make_backend(fuse_shared_input=False))
 
@@ -12,26 +12,24 @@ arguments. Our options (:data:`DEFAULT_OPTIONS`):
   ``slcompile::sl_linear`` (whose autograd saves only ``x``).
 - ``fuse_shared_input`` (bool, default False): :class:`~slcompile.passes.fuse_shared_input.FuseSharedInputPass`
   as Inductor's ``post_grad_custom_post_pass``: ``sl_linear`` calls reading the same input
-  (q/k/v, gate/up) share one GEMM in the forward graph. Off by default: on CPU
-  (``benchmarks/layer_bench.py``) its time was within noise of the unfused graph (0.94-1.10x)
-  while the concatenated ``W`` raised the fwd+bwd peak by 8-20% of dense; on a GPU it saves
-  kernel launches at small token counts (not measured yet).
+  (q/k/v, gate/up) share one GEMM in the forward graph. Off by default: on CPU it saved no time
+  while the concatenated ``W`` raised the fwd+bwd peak (``benchmarks/README.md``, ``layer_bench.py``);
+  on a GPU it saves kernel launches at small token counts.
 - ``fuse_min_group`` (int >= 2, default 2): smallest group the fusion pass fuses.
 - ``choose_path`` (bool, default True): :class:`~slcompile.passes.choose_path.ChoosePathPass`
   on the Dynamo graph, after the pattern pass: each ``sl_linear`` with static shapes becomes
   ``slcompile::sl_linear_factored`` (never forms ``W``) where :mod:`slcompile.cost_model`
   estimates it faster, with the spec eager ``SLLinear(path="auto")`` uses (on CPU rates
   measured on the machine, :mod:`slcompile.calibration`; on CUDA the ``h200-triton`` preset,
-  whose margin 0.8 leaves factored to very few tokens, e.g. decoding). On CPU
-  (``benchmarks/layer_bench.py``, one decoder layer's linears, fwd+bwd) it took the compiled
-  60M layer from 1.72x/1.17x ``nn.Linear`` to 0.94x/0.87x at 256/1024 tokens (one noisy run; an
-  earlier one measured 0.73x/0.71x). Off: every
-  ``sl_linear`` stays materialized (what ``fuse_shared_input`` needs to find groups).
+  whose margin 0.8 leaves factored to very few tokens, e.g. decoding); measured in
+  ``benchmarks/README.md`` (``layer_bench.py``). Off: every ``sl_linear`` stays materialized (what
+  ``fuse_shared_input`` needs to find groups).
 
 Every other key is an Inductor config option (``torch._inductor.list_options()``), applied with
 ``compile_fx(config_patches=...)`` for this compilation only (also for the backward graph,
 compiled later); ``mode`` adds ``torch._inductor.list_mode_options(mode)``. The global Inductor
-config is never modified; a ``post_grad_custom_post_pass`` already configured runs before ours.
+config is never modified; a ``post_grad_custom_post_pass`` already configured runs before ours
+(:func:`slcompile._compat.chain_post_grad_passes`: a list where torch takes one, a chained pass on 2.11).
 
 Report: :func:`last_report` returns what the passes did in the latest compilation (counts per
 pass, notes on near-misses), updated when the backward graph is compiled; each report is also
@@ -50,6 +48,7 @@ from torch import fx
 
 import slcompile.kernels  # noqa: F401  (registers the CUDA Triton kernels of the custom ops)
 from slcompile import ops  # noqa: F401  (registers the slcompile:: custom ops)
+from slcompile._compat import chain_post_grad_passes
 from slcompile.passes.choose_path import ChoosePathPass
 from slcompile.passes.fuse_shared_input import FuseSharedInputPass
 from slcompile.passes.pattern_sltrain import SLTrainPatternPass
@@ -116,7 +115,6 @@ def slcompile_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict
     global _last
     from torch._inductor import config as inductor_config, list_mode_options
     from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.custom_graph_pass import get_custom_graph_passes
 
     ours, inductor = _split_options(options)
     patches = {**(list_mode_options(mode) if mode else {}), **inductor}
@@ -136,7 +134,7 @@ def slcompile_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict
     if post:
         report.passes["fuse_shared_input"] = post[0]
         existing = patches.get("post_grad_custom_post_pass", inductor_config.post_grad_custom_post_pass)
-        patches["post_grad_custom_post_pass"] = [*get_custom_graph_passes(existing), *post]
+        patches["post_grad_custom_post_pass"] = chain_post_grad_passes(existing, post)
     _last = report
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     log.info("%s", report)

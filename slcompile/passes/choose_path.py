@@ -12,7 +12,7 @@ decides from the node's fake tensors: tokens ``N`` = the product of ``x``'s lead
 if the node's output requires grad (else ``"forward"``), and the device: the pass's ``device``
 (a :class:`~slcompile.cost_model.DeviceSpec` or preset name) or, by default, the spec eager
 ``SLLinear(path="auto")`` uses for the tensors' device type
-(:func:`slcompile.calibration.runtime_device`: on CPU rates measured on this machine, on CUDA
+(:func:`slcompile.path_policy.runtime_device`: on CPU rates measured on this machine, on CUDA
 the ``h200-triton`` preset with our Triton kernels, ``h200-cusparse`` without); factored is
 chosen only if estimated below ``margin`` times materialize (default: the spec's own ``margin``,
 :data:`DEFAULT_MARGIN` = 0.8 for a preset, 1 for measured rates). Both ops take the same
@@ -30,7 +30,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from slcompile import cost_model, ops_factored  # noqa: F401  (registers slcompile::sl_linear_factored)
-from slcompile.calibration import runtime_device
+from slcompile.path_policy import runtime_device
 
 __all__ = ["DEFAULT_MARGIN", "ChoosePathPass", "SL_LINEAR", "SL_LINEAR_FACTORED"]
 

@@ -1,7 +1,7 @@
 """The ``slcompile`` torch.compile backend: same outputs and gradients as eager, passes applied.
 
 Three compilations in all (each 10-30 s on CPU): a transformed decoder block with the fusion
-pass on, a transformed MLP with biases through ``make_backend``, and a fresh interpreter that
+pass on, a transformed MLP with biases fused through ``make_backend`` as on torch 2.11, and a fresh interpreter that
 compiles hand-written SLTrain by the backend's name without importing slcompile.
 """
 from __future__ import annotations
@@ -16,9 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import slcompile
 import slcompile.backend as backend
+from slcompile import _compat
 from slcompile.model_configs import get_config
 from slcompile.recipes.models.llama import DecoderLayer
 
@@ -80,17 +82,56 @@ class BiasMLP(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-def test_mlp_with_bias_matches_eager_through_make_backend():
+class RecordingPass(CustomGraphPass):
+    """A post-grad pass configured before the backend runs: it must still run, before ours."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, graph) -> None:
+        self.calls += 1
+
+    def uuid(self):
+        return "recording"
+
+
+def test_mlp_with_bias_fused_through_make_backend_on_a_one_pass_torch(monkeypatch):
+    """torch 2.11's single ``post_grad_custom_post_pass`` (``_compat.PASS_LISTS`` off): a configured
+    pass and the fusion pass both run, chained."""
+    monkeypatch.setattr(_compat, "PASS_LISTS", False)
+    configured = RecordingPass()
     torch.manual_seed(0)
     mlp, _ = slcompile.transform(BiasMLP(), slcompile.SLConfig(rank=4, alpha=1.0, density=0.2))
     randomize_low_rank(mlp)
     x = torch.randn(3, 7, 24)
     eager = outputs_and_grads(mlp, x)
-    compiled = torch.compile(mlp, backend=backend.make_backend(fuse_shared_input=False))
-    assert_all_close(outputs_and_grads(compiled, x), eager)
+    compiled = torch.compile(mlp, backend=backend.make_backend(fuse_shared_input=True, choose_path=False,
+                                                               fx_graph_cache=False))
+    with torch._inductor.config.patch(post_grad_custom_post_pass=configured):
+        assert_all_close(outputs_and_grads(compiled, x), eager)
     report = backend.last_report()
-    assert report.options["fuse_shared_input"] is False and "fuse_shared_input" not in report.passes
+    assert report.counts()["fuse_shared_input"]["groups"] == 1  # gate/up
+    assert configured.calls == 2  # forward and backward graph
     assert "slcompile backend" in str(report)
+
+
+def test_inductor_options_and_mode_reach_compile_fx(monkeypatch):
+    """Keys that are not ours go to ``compile_fx(config_patches=...)``, with the mode's options."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    seen = {}
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        seen.update(config_patches or {})
+        return gm
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", fake_compile_fx)
+    gm = torch.fx.symbolic_trace(nn.Linear(4, 3))
+    backend.slcompile_backend(gm, [torch.randn(2, 4)], mode="max-autotune-no-cudagraphs",
+                              options={"epilogue_fusion": False, "fuse_shared_input": True})
+    assert seen["epilogue_fusion"] is False
+    assert seen["max_autotune"] is True  # from the mode
+    assert "fuse_shared_input" not in seen and seen["post_grad_custom_post_pass"]
 
 
 ENTRY_POINT_SCRIPT = textwrap.dedent("""

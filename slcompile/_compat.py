@@ -1,0 +1,86 @@
+"""Every torch API slcompile uses that differs between torch 2.11 and the newest release.
+
+The supported range is ``torch>=2.11``; ``docs/compat.md`` lists each private torch name the
+library touches and the releases it was checked against. Two things differ:
+
+- Inductor's ``post_grad_custom_post_pass`` takes a list of passes in the releases that have
+  ``torch._inductor.custom_graph_pass.get_custom_graph_passes`` (2.13 and 2.14 do); 2.11 takes
+  one pass. :func:`chain_post_grad_passes` builds the value for either.
+- Registering a ``torch.compile`` backend by name from a source tree with no package entry point
+  (:func:`register_dynamo_backend`): the public ``register_backend`` asserts on a duplicate name,
+  which the entry point would hit when it imports this package, so the registration steps aside
+  once the entry point is known.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from torch._inductor import custom_graph_pass as _cgp
+
+__all__ = ["PASS_LISTS", "PassChain", "chain_post_grad_passes", "custom_graph_passes", "register_dynamo_backend"]
+
+# post_grad_custom_post_pass may be a list or tuple of passes (not in torch 2.11).
+PASS_LISTS = hasattr(_cgp, "get_custom_graph_passes")
+
+
+def custom_graph_passes(value: Any) -> tuple:
+    """The passes an Inductor custom-pass config value holds: ``None`` -> ``()``, one pass ->
+    ``(pass,)``, a list/tuple (or a :class:`PassChain`) -> its passes, in order."""
+    if value is None:
+        return ()
+    if isinstance(value, PassChain):
+        return value.passes
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,)
+
+
+class PassChain(_cgp.CustomGraphPass):
+    """Several post-grad passes as the one ``CustomGraphPass`` torch 2.11 accepts: runs them in
+    order on the ``fx.Graph``. ``uuid()`` combines theirs, or is ``None`` (no FX graph caching,
+    as Inductor does for any uncacheable pass) when one is a plain callable or has none."""
+
+    def __init__(self, passes: Sequence[Callable]):
+        self.passes = tuple(passes)
+
+    def __call__(self, graph) -> None:
+        for graph_pass in self.passes:
+            graph_pass(graph)
+
+    def uuid(self) -> Any:
+        ids = [p.uuid() if isinstance(p, _cgp.CustomGraphPass) else None for p in self.passes]
+        return None if any(i is None for i in ids) else ("PassChain", *ids)
+
+
+def chain_post_grad_passes(existing: Any, extra: Sequence[Callable], *, lists: bool | None = None) -> Any:
+    """The ``post_grad_custom_post_pass`` value that runs ``existing`` (a value already configured:
+    ``None``, one pass or a list) and then ``extra``. A list where torch takes one (``lists``,
+    default :data:`PASS_LISTS`), else one pass (a :class:`PassChain` when there are several)."""
+    passes = (*custom_graph_passes(existing), *extra)
+    if PASS_LISTS if lists is None else lists:
+        return list(passes)
+    if len(passes) <= 1:
+        return passes[0] if passes else None
+    return PassChain(passes)
+
+
+def register_dynamo_backend(name: str, load: Callable[[], Callable]) -> bool:
+    """Make ``torch.compile(backend=name)`` work without a package entry point; True if registered.
+
+    ``load()`` returns the backend; it runs at the first lookup, so registering imports neither
+    the backend nor Inductor. Idempotent. Nothing is registered when the name is already known
+    to Dynamo's registry, e.g. as an installed entry point being loaded right now: its import of
+    this package must not register the name first, or ``lookup_backend`` would register it twice
+    (an ``AssertionError`` in 2.11-2.15). The lookup then takes the entry point as usual.
+    """
+    from torch._dynamo.backends import registry
+
+    if name in registry._BACKENDS:
+        return False
+
+    def backend(gm, example_inputs, **kwargs):
+        return load()(gm, example_inputs, **kwargs)
+
+    backend.__name__ = backend.__qualname__ = name
+    registry.register_backend(backend, name=name)
+    return True
