@@ -8,7 +8,7 @@
 import os
 import sys
 
-from slcompile.recipes import distributed, train
+from slcompile.recipes import checkpoint, train
 
 CORRUPTED_LAYER = "layers.0.self_attn.q_proj"
 
@@ -24,14 +24,14 @@ def _install_fault(fault: str) -> None:
 
         train.build_model = corrupted
     elif fault.startswith("crash-after:"):
-        crash_step, save = int(fault.split(":")[1]), distributed.save_checkpoint
+        crash_step, save = int(fault.split(":")[1]), checkpoint.Checkpointer.save
 
-        def save_then_die(directory, model, optimizer, meta, ctx):
-            save(directory, model, optimizer, meta, ctx)
+        def save_then_die(self, model, optimizer, meta):
+            save(self, model, optimizer, meta)
             if meta["step"] == crash_step:
                 os._exit(17)
 
-        distributed.save_checkpoint = save_then_die
+        checkpoint.Checkpointer.save = save_then_die
 
 
 if __name__ == "__main__":

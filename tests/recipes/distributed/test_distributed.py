@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from slcompile.recipes import distributed
+from slcompile.recipes.checkpoint import MANIFEST, Checkpointer, CheckpointError
 from slcompile.recipes.distributed import DistContext
 from slcompile.recipes.train import TrainConfig, build_model, evaluate, train
 
@@ -135,10 +136,13 @@ def test_parallel_needs_torchrun_and_torchrun_needs_parallel(tmp_path, monkeypat
         TrainConfig(parallel="tp")
 
 
-def test_single_process_refuses_a_distributed_checkpoint(tmp_path):
-    (tmp_path / "checkpoint").mkdir()
+def test_single_process_refuses_a_distributed_checkpoint(single, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(single[0], run)
+    manifest = run / "checkpoint" / MANIFEST
+    manifest.write_text(manifest.read_text().replace('"single-process"', '"distributed"'))
     with pytest.raises(ValueError, match="holds a distributed checkpoint.*under torchrun"):
-        train(TrainConfig(**TINY, steps=1, out=str(tmp_path)))
+        train(TrainConfig(**TINY, steps=6, out=str(run)))
 
 
 @pytest.mark.parametrize("tmp_complete, old_exists, current_exists, expect", [
@@ -150,14 +154,14 @@ def test_single_process_refuses_a_distributed_checkpoint(tmp_path):
 ])
 def test_an_interrupted_save_is_completed_or_undone(tmp_path, tmp_complete, old_exists, current_exists, expect):
     directory = tmp_path / "checkpoint"
-    tmp, old = tmp_path / ".checkpoint.tmp", tmp_path / ".checkpoint.old"
+    tmp, old = tmp_path / ".checkpoint.new", tmp_path / ".checkpoint.old"
     for path, tag, exists in ((tmp, "new", True), (old, "old", old_exists), (directory, "cur", current_exists)):
         if exists:
             path.mkdir()
             (path / "tag").write_text(tag)
     if tmp_complete:
-        (tmp / distributed.META_FILE).write_bytes(b"")
-    assert distributed.restore_interrupted_save(directory, DistContext()) == (expect is not None)
+        (tmp / MANIFEST).write_bytes(b"")
+    Checkpointer(tmp_path, DistContext()).recover()
     assert not tmp.exists() and not old.exists()
     assert (directory / "tag").read_text() == expect if expect else not directory.exists()
 
@@ -183,7 +187,7 @@ def test_two_ranks_match_one_process(parallel, single, cache, tmp_path):
     assert summary["world_size"] == 2 and abs(summary["val_loss"] - ref_summary["val_loss"]) < TOL
     assert summary["trainable_params"] == ref_summary["trainable_params"]
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
-        ".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json", "meta.pt"]
     from safetensors.torch import load_file
     mine, ref = load_file(tmp_path / "model.safetensors"), load_file(ref_dir / "model.safetensors")
     assert mine.keys() == ref.keys()
@@ -215,7 +219,7 @@ def test_checkpoint_of_two_ranks_resumes_on_one_and_on_two(single, cache, tmp_pa
     assert not any(n.endswith((".A", ".values", ".support")) for n in dense.state_dict())
     load_model(dense, run / "model.safetensors")
     summary = json.loads((run / "summary.json").read_text())
-    assert math.isclose(evaluate(dense, data.val[:cfg.eval_rows], cfg.batch_size, torch.float32),
+    assert math.isclose(evaluate(dense, data.val[:cfg.eval_rows], cfg.batch_size),
                         summary["val_loss"], abs_tol=1e-4)
 
 
