@@ -13,6 +13,7 @@ from slcompile.recipes.data import (EOS, BatchIterator, cache_dir, eval_batches,
                             load_documents, load_text_data, pack, split_documents,
                             tokenize_documents)
 from slcompile.recipes.data.corpora import Document, clean_wikitext, strip_gutenberg
+from slcompile.recipes.files import sha256_file
 
 VOCAB = 384  # small: BPE training on the sample below takes well under a second
 
@@ -162,8 +163,62 @@ def test_load_text_data_end_to_end(sample_docs, cache, monkeypatch):
     assert data.vocab_size == VOCAB
     assert data.train.shape[1] == data.val.shape[1] == 17 and len(data.val) > 0
     assert int(max(data.train.max(), data.val.max())) < VOCAB
-    names = sorted(p.name.split("-")[0] for p in cache.iterdir())
-    assert names == ["tokenizer", "train", "val"]
+    names = sorted(p.name.split("-")[0] + p.suffix for p in cache.iterdir())
+    assert names == ["tokenizer.json", "tokenizer.sha256", "train.npy", "train.sha256", "val.npy", "val.sha256"]
+
+
+# ------------------------------------------------------------------------------ damaged caches
+def test_damaged_token_caches_are_rebuilt(sample_docs, sample_tokenizer, cache, caplog):
+    """Bit flips, a file rewritten with one token, and the validation file replaced by the training
+    one: each is detected by its digest and rebuilt, with a log line naming the file."""
+    train_docs, val_docs = sample_docs[::2], sample_docs[1::2]
+    train = tokenize_documents(train_docs, sample_tokenizer, split="train")
+    val = tokenize_documents(val_docs, sample_tokenizer, split="val")
+    [train_path], [val_path] = cache.glob("train-*.npy"), cache.glob("val-*.npy")
+
+    def flip_bits(path):
+        data = bytearray(path.read_bytes())
+        for i in range(len(data) // 2, len(data) // 2 + 400, 4):
+            data[i] ^= 0x01
+        path.write_bytes(bytes(data))
+
+    def one_token(path):
+        with open(path, "wb") as f:
+            np.save(f, train[:1])
+
+    def training_tokens(path):
+        path.write_bytes(train_path.read_bytes())
+
+    for damage, path in ((flip_bits, train_path), (one_token, train_path), (training_tokens, val_path)):
+        damage(path)
+        caplog.clear()
+        assert np.array_equal(tokenize_documents(train_docs, sample_tokenizer, split="train"), train)
+        assert np.array_equal(tokenize_documents(val_docs, sample_tokenizer, split="val"), val)
+        assert caplog.text.count("rebuilding") == 1 and f"cache file {path}: its content does not match" in caplog.text
+
+
+def test_a_truncated_tokenizer_cache_is_retrained(sample_docs, cache, caplog):
+    first = get_tokenizer(sample_docs, VOCAB)
+    [path] = cache.glob("tokenizer-*.json")
+    path.write_text(path.read_text()[:100])
+    assert get_tokenizer(sample_docs, VOCAB).to_str() == first.to_str()
+    assert f"cache file {path}: its content does not match its recorded sha256; rebuilding it" in caplog.text
+
+
+def test_out_of_range_token_ids_name_the_file(sample_docs, sample_tokenizer, cache):
+    tokenize_documents(sample_docs, sample_tokenizer, split="train")
+    [path] = cache.glob("train-*.npy")
+    with open(path, "wb") as f:
+        np.save(f, np.array([1, VOCAB + 5], dtype=np.uint16))
+    path.with_name(path.name + ".sha256").write_text(sha256_file(path))  # a consistent but wrong cache
+    with pytest.raises(ValueError, match=f"token cache {path} holds ids outside the tokenizer's {VOCAB} entries"):
+        tokenize_documents(sample_docs, sample_tokenizer, split="train")
+
+
+def test_an_unwritable_cache_names_the_file(sample_docs, sample_tokenizer, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="cache file .*a_file/train-.*could not be written"):
+        tokenize_documents(sample_docs, sample_tokenizer, cache=tmp_path / "a_file", split="train")
 
 
 # ----------------------------------------------------------------------------------- iterator
