@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,3 +28,16 @@ def test_quickstart_trains_and_merges():
     assert "replaced 8 linear layer(s)" in proc.stdout
     diff = re.search(r"max \|logits\(SLTrain\) - logits\(merged\)\| = (\S+)", proc.stdout)
     assert diff is not None and float(diff.group(1)) < 1e-4, proc.stdout
+
+
+def test_hf_trainer_trains_both_ways_and_reloads():
+    pytest.importorskip("transformers", reason="the Trainer example needs transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    proc = run_example("hf_trainer.py")
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "replaced 14 linear layer(s), kept 1" in proc.stdout
+    runs = re.findall(r"^per_layer=(True|False): 16 updates, loss ([0-9.]+) -> ([0-9.]+)$", proc.stdout, re.MULTILINE)
+    assert sorted(run[0] for run in runs) == ["False", "True"], proc.stdout
+    assert all(float(last) < float(first) - 0.5 for _, first, last in runs), runs
+    diffs = re.findall(r"reloaded.*: max \|logits diff\| = (\S+)$", proc.stdout, re.MULTILINE)
+    assert len(diffs) == 2 and float(diffs[0]) == 0 and float(diffs[1]) < 1e-5, proc.stdout
