@@ -9,8 +9,8 @@ torchao facts that shape the use (torchao 0.18.0):
   flat stand-in zero-padded to the next multiple, so its states are quantized too (the padding
   has zero gradient and zero value, which AdamW keeps at zero);
 - its step is ``torch.compile``-d per parameter shape (``fullgraph=True, dynamic=False``): the
-  first step costs seconds per distinct shape (about 8 s per shape on a 2-core CPU), later ones
-  are fast. ``compile_step=False`` runs the same math eagerly (for tests and tiny CPU runs);
+  first step compiles once per distinct shape (seconds on a CPU), later ones are fast.
+  ``compile_step=False`` runs the same math eagerly (for tests and tiny CPU runs);
 - its ``lr`` lives in a tensor (``group["lr"].fill_``), which :func:`sync_hyperparams` handles;
 - the states are tensor subclasses that ``torch.save``/``torch.load(weights_only=True)`` accept.
 
