@@ -19,7 +19,7 @@ from slcompile.memory import (estimate, evaluate, memory_model, param_count, pla
 from slcompile.model_configs import get_config
 from slcompile.recipes.models.llama import Llama
 
-# REFERENCE.md section 3, millions of parameters.
+# The paper's parameter counts (full, low-rank, SLTrain), millions.
 PAPER_COUNTS = {
     "llama-60m": (58.07, 42.77, 43.53),
     "llama-130m": (134.11, 94.00, 96.55),
