@@ -47,7 +47,8 @@ def _materialize_cuda(A: Tensor, B: Tensor, values: Tensor, support: Tensor, sca
     from slcompile.kernels import materialize as kernel
 
     if not _kernel_dtypes(A, B, values):
-        return ops.materialize._init_fn(A, B, values, support, scale)  # the torch reference (e.g. float64)
+        with ops.autocast_disabled(A.device.type):  # the torch body of the op (e.g. float64)
+            return ops.materialized_weight(A, B, values, support, scale)
     return kernel.materialize(A, B, values, support, scale)
 
 

@@ -13,13 +13,13 @@ So ``dvalues`` costs no pass over ``dW`` and is rounded once, from fp32.
   and ``dB = scale dW A^T``.
 - ``False`` (the factored path's backward): ``dW`` is never stored: the kernel is an SDDMM
   (``(dY^T X)`` sampled at the support) run on tensor cores. It does ``2 N in out`` FLOPs for
-  ``2 N nnz`` useful ones, i.e. ``1 / density`` times more, but at tensor-core rate (~15x the
-  CUDA-core rate on an H200) and without any ``(out, in)`` transient; a gather-based SDDMM
-  instead reads ``2 N`` scattered elements per nonzero (REFERENCE.md section 6: 40-150x slower
-  than the dense GEMM with cuSPARSE).
+  ``2 N nnz`` useful ones, i.e. ``1 / density`` times more, but at tensor-core rate and without
+  any ``(out, in)`` transient; a gather-based SDDMM instead reads ``2 N`` scattered elements
+  per nonzero.
 
 Dtypes: ``dY`` and ``X`` share one of fp16, bf16, fp32; ``dW`` is written in that dtype,
-``dvalues`` in the one asked for. fp32 uses IEEE products unless TF32 is allowed.
+``dvalues`` in the one asked for. fp32 runs TF32 tensor cores when torch allows TF32 matmuls,
+else IEEE products.
 Repeated support positions each receive the gradient at their position (as ``index_select``).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from slcompile.kernels.host import SUPPORTED_DTYPES, check_index, dot_precision
+from slcompile.kernels.host import SUPPORTED_DTYPES, check_blocks, check_index, dot_precision
 from slcompile.kernels.tile_index import tile_index
 from slcompile.kernels.tiles import tile_matmul, tile_support_range
 
@@ -56,7 +56,7 @@ def _grad_weight_kernel(
                       BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
 
     if WRITE_DW:
-        tl.store(dw_ptr + rows[:, None] * stride_wo + cols[None, :] * stride_wi,
+        tl.store(dw_ptr + rows.to(tl.int64)[:, None] * stride_wo + cols.to(tl.int64)[None, :] * stride_wi,
                  acc.to(dw_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
     # Gather, from the accumulator in registers.
@@ -79,8 +79,9 @@ def grad_weight(grad_y: Tensor, x: Tensor, support: Tensor, *, write_dw: bool = 
     ``support (nnz,)`` int32/int64 flat row-major indices into ``(out, in)``, any order, each in
     range (not checked). ``dW`` is ``None`` when ``write_dw`` is False (nothing ``(out, in)`` is
     allocated). ``values_dtype``: dtype of ``dvalues`` (default ``grad_y``'s). Blocks: powers of
-    two >= 16. ``N == 0`` gives zeros.
+    two in [16, 256] (``ValueError`` otherwise). ``N == 0`` gives zeros.
     """
+    check_blocks("grad_weight", num_warps, block_m=block_m, block_n=block_n, block_k=block_k)
     if grad_y.dim() != 2 or x.dim() != 2 or grad_y.shape[0] != x.shape[0]:
         raise ValueError(f"grad_weight expects grad_y (N, out) and x (N, in), got {tuple(grad_y.shape)} "
                          f"and {tuple(x.shape)}")

@@ -14,7 +14,8 @@ An unsorted support (e.g. an index a user wrote, matched by the pattern pass) is
 into a cached copy; its values are then permuted on every call.
 
 Dtypes: ``A``, ``B``, ``values`` and ``W`` share one of fp16, bf16, fp32; the sum is formed in
-fp32 and rounded once. fp32 uses IEEE products unless ``torch.backends.cuda.matmul.allow_tf32``.
+fp32 and rounded once. fp32 runs TF32 tensor cores when torch allows TF32 matmuls, else IEEE
+products.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from slcompile.kernels.host import SUPPORTED_DTYPES, check_index, dot_precision
+from slcompile.kernels.host import SUPPORTED_DTYPES, check_blocks, check_index, dot_precision
 from slcompile.kernels.tile_index import tile_index
 from slcompile.kernels.tiles import tile_matmul, tile_support_range
 
@@ -59,7 +60,7 @@ def _materialize_kernel(
         hit = ((flat - row_base)[:, None] == local_cols[None, :]) & has[:, None]
         acc += tl.where(hit, val[:, None], 0.0)
 
-    tl.store(w_ptr + rows[:, None] * stride_wo + cols[None, :] * stride_wi,
+    tl.store(w_ptr + rows.to(tl.int64)[:, None] * stride_wo + cols.to(tl.int64)[None, :] * stride_wi,
              acc.to(w_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -83,8 +84,9 @@ def materialize(A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: fl
     ``A (r, in)``, ``B (out, r)`` (any strides), ``values (nnz,)``, ``support (nnz,)`` int32 or
     int64 flat row-major indices into ``(out, in)`` (sorted or not; duplicates are summed).
     ``out``: optional ``(out, in)`` destination of the same dtype, any strides (e.g. a view
-    into a larger buffer). Blocks must be powers of two >= 16. Returns ``W``.
+    into a larger buffer). Blocks: powers of two in [16, 256] (``ValueError`` otherwise). Returns ``W``.
     """
+    check_blocks("materialize", num_warps, block_m=block_m, block_n=block_n, block_k=block_k)
     _check(A, B, values, support)
     out_features, in_features = B.shape[0], A.shape[1]
     if out is None:

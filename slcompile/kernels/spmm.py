@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from slcompile.kernels.host import SUPPORTED_DTYPES, check_index
+from slcompile.kernels.host import SUPPORTED_DTYPES, check_blocks, check_index
 
 __all__ = ["spmm"]
 
@@ -37,6 +37,7 @@ def _spmm_kernel(
     ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < n_rows
     t_ok = ts < tokens
+    ts64 = ts.to(tl.int64)  # token * stride passes 2**31 from 195k tokens of width 11008
     start = tl.load(crow_ptr + rows, mask=row_ok, other=0)
     count = tl.load(crow_ptr + rows + 1, mask=row_ok, other=0) - start
 
@@ -45,11 +46,11 @@ def _spmm_kernel(
         has = k < count
         col = tl.load(col_ptr + start + k, mask=has, other=0).to(tl.int64)
         val = tl.load(val_ptr + start + k, mask=has, other=0.0).to(tl.float32)
-        d = tl.load(dense_ptr + col[None, :] * stride_dk + ts[:, None] * stride_dt,
+        d = tl.load(dense_ptr + col[None, :] * stride_dk + ts64[:, None] * stride_dt,
                     mask=t_ok[:, None] & has[None, :], other=0.0)
         acc += d.to(tl.float32) * val[None, :]
 
-    out_ptrs = out_ptr + ts[:, None] * stride_ot + rows[None, :] * stride_or
+    out_ptrs = out_ptr + ts64[:, None] * stride_ot + rows.to(tl.int64)[None, :] * stride_or
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & row_ok[None, :])
 
 
@@ -60,8 +61,9 @@ def spmm(crow: Tensor, col: Tensor, values: Tensor, dense: Tensor, *, out: Tenso
     ``crow (rows + 1,)``, ``col (nnz,)`` int32/int64 (columns in ``[0, k)``, not checked),
     ``values (nnz,)`` in CSR order, any float dtype (products in fp32). ``dense``: 2-D, one dtype
     of fp16/bf16/fp32, any strides. ``out``: optional ``(N, rows)`` destination of ``dense``'s dtype,
-    any strides. Blocks: powers of two >= 16. Returns ``out``.
+    any strides. Blocks: powers of two in [16, 256] (``ValueError`` otherwise). Returns ``out``.
     """
+    check_blocks("spmm", num_warps, block_r=block_r, block_t=block_t)
     check_index("crow", crow)
     check_index("col", col)
     if dense.dim() != 2 or dense.dtype not in SUPPORTED_DTYPES:

@@ -46,8 +46,11 @@ class TileIndex:
 
 def tile_index(support: Tensor, out_features: int, in_features: int, block_n: int) -> TileIndex:
     """The :class:`TileIndex` of ``support (nnz,)`` (int32/int64 flat row-major indices into
-    ``(out, in)``, any order, repeats allowed), cached per support tensor. Building it checks
-    once whether ``support`` is sorted (a device sync on CUDA)."""
+    ``(out, in)``, any order, repeats allowed), cached per support tensor.
+
+    A cache hit, i.e. every call after the first with this support, reads nothing back from the
+    device (no host sync); an inference tensor is never cached, so each call builds. Building checks once whether ``support`` is sorted, a device sync,
+    except during CUDA-graph capture, where a sync is an error: it then sorts without checking."""
     return derived_index(support, ("tiles", support.numel(), out_features, in_features, block_n),
                          lambda: _build(support, out_features, in_features, block_n))
 
@@ -55,7 +58,8 @@ def tile_index(support: Tensor, out_features: int, in_features: int, block_n: in
 def _build(support: Tensor, out_features: int, in_features: int, block_n: int) -> TileIndex:
     flat = support.reshape(-1)
     perm = None
-    if flat.numel() > 1 and not bool((flat[1:] >= flat[:-1]).all()):
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if flat.numel() > 1 and (capturing or not bool((flat[1:] >= flat[:-1]).all())):
         flat, perm = torch.sort(flat, stable=True)
     n_col_tiles = -(-in_features // block_n)
     col_starts = torch.arange(n_col_tiles + 1, device=flat.device, dtype=torch.int64) * block_n

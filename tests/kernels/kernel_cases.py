@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
+import numpy as np
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -312,3 +314,117 @@ def test_registered_cuda_ops_fall_back_to_torch_for_float64():
     for got, want in zip(impls["slcompile::sl_linear_backward"](grad_y, x, A, B, values, support, 0.5, False),
                          ops.sl_linear_backward(grad_y, x, A, B, values, support, 0.5, False)):
         torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------- hazards: 64-bit offsets, host syncs, blocks
+
+class AddressProbe:
+    """The interpreter's masked loads and stores outside ``real`` buffers are recorded, not done
+    (loads read zeros): a kernel can be run with strides of a tensor too large to allocate."""
+
+    def __init__(self, monkeypatch, *real: torch.Tensor):
+        from triton.runtime import interpreter
+
+        self.spans = [(t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes()) for t in real]
+        self.virtual: list[int] = []
+        builder = interpreter.InterpreterBuilder
+        load, store = builder.create_masked_load, builder.create_masked_store
+
+        def masked_load(b, ptrs, mask, other, *args):
+            return load(b, ptrs, self._split(ptrs, mask), other, *args)
+
+        def masked_store(b, ptrs, value, mask, *args):
+            return store(b, ptrs, value, self._split(ptrs, mask), *args)
+
+        monkeypatch.setattr(builder, "create_masked_load", masked_load)
+        monkeypatch.setattr(builder, "create_masked_store", masked_store)
+
+    def _split(self, ptrs, mask):
+        """Record the masked-in addresses outside every real buffer; the mask of the others."""
+        addr = ptrs.data.astype(np.uint64)
+        inside = np.zeros(addr.shape, dtype=bool)
+        for lo, hi in self.spans:
+            inside |= (addr >= lo) & (addr < hi)
+        keep = np.broadcast_to(mask.data, addr.shape)
+        self.virtual += [int(a) for a in addr[keep & ~inside]]
+        return type(mask)(keep & inside, mask.dtype)
+
+
+HUGE = 2**30  # an int32 stride; index 2 * HUGE passes 2**31
+
+
+@pytest.mark.skipif(ON_GPU, reason="probes the interpreter's memory accesses")
+def test_row_offsets_are_64_bit(monkeypatch):
+    """Token / row index x stride past 2**31 elements reaches the right address (no int32 wrap)."""
+    far = torch.zeros(1)  # the operand given a huge stride: every access to it is virtual
+    support = torch.tensor([0, 17], dtype=torch.int32)
+    index = tile_index(support, 4, 16, 16)
+    x, dvalues = torch.randn(4, 16), torch.empty(2)
+    probe = AddressProbe(monkeypatch, x, dvalues, index.support, index.tile_ptr)
+    # grad_weight: dY (4 tokens, 16 out) with token stride HUGE (the reduction axis of tile_matmul)
+    grad_weight_kernel._grad_weight_kernel[(1, 1)](
+        far, x, index.support, index.tile_ptr, dvalues, dvalues, 4, 16, 16, index.n_col_tiles,
+        HUGE, 1, x.stride(0), x.stride(1), 0, 0,
+        BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, WRITE_DW=False, INPUT_PRECISION="ieee")
+    base = far.data_ptr()
+    assert min(probe.virtual) == base and max(probe.virtual) == base + 4 * (3 * HUGE + 15)
+    # materialize: W (4 rows, 16) with row stride HUGE (the epilogue's store)
+    A, B, values = torch.randn(16, 16), torch.randn(4, 16), torch.randn(2)
+    probe = AddressProbe(monkeypatch, A, B, values, index.support, index.tile_ptr)
+    materialize_kernel._materialize_kernel[(1, 1)](
+        A, B, values, index.support, index.tile_ptr, far, 4, 16, 16, index.n_col_tiles, 1.0,
+        A.stride(0), A.stride(1), B.stride(0), B.stride(1), HUGE, 1,
+        BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, INPUT_PRECISION="ieee")
+    assert min(probe.virtual) == base and max(probe.virtual) == base + 4 * (3 * HUGE + 15)
+    # spmm: out (4 tokens, 2 rows) with token stride HUGE
+    crow, col, dense = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), x[:, :2]
+    probe = AddressProbe(monkeypatch, crow, col, values, x)
+    spmm_kernel._spmm_kernel[(1, 1)](crow, col, values, dense, far, 2, 4, dense.stride(1), dense.stride(0), HUGE, 1,
+                                     BLOCK_R=16, BLOCK_T=16)
+    assert min(probe.virtual) == base and max(probe.virtual) == base + 4 * (3 * HUGE + 1)
+
+
+class SyncCounter:
+    """Counts the ways a host function reads a device value back (each a sync on CUDA)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+            monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name)))
+
+    def _counting(self, method):
+        def counted(tensor, *args):
+            self.count += 1
+            return method(tensor, *args)
+        return counted
+
+
+def test_steady_state_calls_do_not_sync(monkeypatch):
+    """A cache miss checks once whether the support is sorted; a hit, and a miss during CUDA-graph
+    capture, read nothing back."""
+    A, B, values, support = factors(33, 70, 7, 0.1, torch.float32, kernels.device)
+    g, x = torch.randn(9, 33, device=kernels.device), torch.randn(9, 70, device=kernels.device)
+    syncs = SyncCounter(monkeypatch)
+    kernels.materialize.materialize(A, B, values, support, 0.5)
+    assert syncs.count == 1
+    for call in range(2):
+        syncs.count = 0
+        weight = kernels.materialize.materialize(A, B, values, support, 0.5)
+        kernels.grad_weight.grad_weight(g, x, support, block_n=64)  # materialize's block_n: the same index
+        assert syncs.count == 0, f"call {call}"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    shuffled = support.flip(0)  # unsorted: sorted on the device, unchecked
+    weight = kernels.materialize.materialize(A, B, values.flip(0), shuffled, 0.5)
+    assert syncs.count == 0
+    check_weight(weight, A, B, values.flip(0), shuffled, 0.5)
+
+
+def test_host_functions_validate_blocks():
+    A, B, values, support = factors(7, 33, 4, 0.3, torch.float32, kernels.device)
+    with pytest.raises(ValueError, match="block_k must be a power of two"):
+        kernels.materialize.materialize(A, B, values, support, 1.0, block_k=24)
+    with pytest.raises(ValueError, match="block_m must be a power of two"):
+        kernels.grad_weight.grad_weight(torch.randn(3, 7), torch.randn(3, 33), support, block_m=8)
+    with pytest.raises(ValueError, match="block_t must be a power of two"):
+        kernels.spmm.spmm(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(1), torch.randn(2, 1), block_t=1024)
