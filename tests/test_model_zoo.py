@@ -135,3 +135,19 @@ def test_gpt2_conv1d_targets_and_a_targeted_head():
     conv = model.transformer.h[0].attn.c_attn
     assert (conv.in_features, conv.out_features) == (DIM, 3 * DIM)
     assert report.kept["transformer.h.0.mlp.c_fc"] == "not matched by SLConfig.targets"
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_zoo_model_compiles_with_the_backend(name):
+    """GPT-2's replaced Conv1D layers and T5, whose forward reads ``self.wo.weight.dtype``."""
+    model, _ = slcompile.transform(_build(name), CFG)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, SLLinear):
+                layer.B.normal_(0, 0.1)
+    batch = ZOO[name][1](torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        torch.testing.assert_close(torch.compile(model, backend="slcompile")(**batch).logits, expected)
