@@ -100,7 +100,7 @@ def matches(pattern: str, name: str) -> bool:
 
 @dataclass(frozen=True)
 class ReplacedLayer:
-    """One replaced layer: its name, shape and parameter counts before/after."""
+    """One replaced layer: its name, shape, the kind of module it was and parameter counts before/after."""
 
     name: str
     in_features: int
@@ -108,6 +108,7 @@ class ReplacedLayer:
     rank: int
     nnz: int
     has_bias: bool
+    kind: str = "nn.Linear"
 
     @property
     def params_before(self) -> int:
@@ -140,7 +141,8 @@ class TransformReport:
     def __str__(self) -> str:
         lines = [f"slcompile: replaced {len(self.replaced)} linear layer(s), kept {len(self.kept)}"]
         for layer in self.replaced:
-            lines.append(f"  SL  {layer.name}: {layer.out_features}x{layer.in_features} -> rank {layer.rank}, "
+            kind = "" if layer.kind == "nn.Linear" else f" ({layer.kind})"
+            lines.append(f"  SL  {layer.name}{kind}: {layer.out_features}x{layer.in_features} -> rank {layer.rank}, "
                          f"nnz {layer.nnz} ({layer.params_before:,} -> {layer.params_after:,} params)")
         lines += [f"  --  {name}: {reason}" for name, reason in self.kept.items()]
         if self.replaced:
@@ -293,8 +295,9 @@ def build_sl_linear(name: str, linear: nn.Linear, cfg: SLConfig) -> SLLinear:
 
 
 def describe(name: str, layer: SLLinear) -> ReplacedLayer:
+    kind = next(k.name for k in LINEAR_KINDS if k.of_class(layer.dense_cls))
     return ReplacedLayer(name, layer.in_features, layer.out_features, layer.rank,
-                         nnz_for(layer.in_features, layer.out_features, layer.density), layer.bias is not None)
+                         nnz_for(layer.in_features, layer.out_features, layer.density), layer.bias is not None, kind)
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

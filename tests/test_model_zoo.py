@@ -91,6 +91,7 @@ def test_zoo_model_transforms_trains_reloads_and_merges(name):
     # Accounting: every projection weight is replaced or kept with a reason; the heads stay dense.
     names = {layer.name for layer in report.replaced}
     assert len(names) == replaced and set(report.kept) == kept, str(report)
+    assert {layer.kind for layer in report.replaced} == {"Conv1D" if name.startswith("gpt2") else "nn.Linear"}
     for owner, path in weights:
         assert owner in names or owner in report.kept or path in report.kept, f"{path} not in the report"
     assert all(isinstance(model.get_submodule(n), SLLinear) for n in names)

@@ -233,8 +233,9 @@ def test_conv1d_is_replaced_and_merged_back_to_conv1d():
     torch.manual_seed(0)
     model = nn.Sequential(Conv1D(24, 8), nn.GELU(), Conv1D(8, 24))
     model, report = slcompile.transform(model, SLConfig(rank=4, alpha=4.0, density=0.2))
-    assert [(r.name, r.in_features, r.out_features, r.has_bias) for r in report.replaced] == \
-        [("0", 8, 24, True), ("2", 24, 8, True)]
+    assert [(r.name, r.in_features, r.out_features, r.has_bias, r.kind) for r in report.replaced] == \
+        [("0", 8, 24, True, "Conv1D"), ("2", 24, 8, True, "Conv1D")]
+    assert "SL  0 (Conv1D): 24x8 -> rank 4" in str(report)
     assert isinstance(model[0], SLLinear) and model[0].dense_cls is Conv1D
     with torch.no_grad():
         model[0].B.normal_()
