@@ -7,7 +7,7 @@ resumes) and ``manifest.json`` (the sha256 of every other file), written last.
 
 - Nothing in a checkpoint can run code: every ``torch.load`` is ``weights_only=True`` (tensors
   and plain containers only), and DCP's ``.metadata`` (which DCP reads with plain ``pickle``) is
-  first read with torch's restricted unpickler, allowing DCP's metadata classes only.
+  first read by an unpickler that can build DCP's metadata classes and nothing else.
 - Nothing rotten is loaded: the manifest is checked before anything is unpickled; a file whose
   digest differs is named in the error and left untouched.
 - A crash never loses the last checkpoint: the new one is written to ``.checkpoint.new`` and
@@ -54,20 +54,36 @@ def safe_load(path: Path):
                               + _kept(path)) from exc
 
 
+# What DCP's ``.metadata`` pickle names: its metadata dataclasses, torch sizes, dtypes and layouts, a path.
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "TensorStorageMetadata", "StorageMeta",
+                                              "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+                                              "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"} | {name for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype)},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """An unpickler that can build DCP metadata and nothing else (no other callable can be reached)."""
+
+    def find_class(self, module: str, name: str):
+        if name in _DCP_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
+
+
 def _check_dcp_metadata(path: Path) -> None:
-    """Read DCP's ``.metadata`` with torch's restricted unpickler first: DCP then unpickles it
-    with plain ``pickle``, which would run any callable a hostile file names."""
-    from torch._weights_only_unpickler import Unpickler
-    from torch.distributed.checkpoint import metadata as m
-    allowed = [m.Metadata, m.MetadataIndex, m.TensorStorageMetadata, m.BytesStorageMetadata, m.StorageMeta,
-               m.ChunkStorageMetadata, m.TensorProperties, m._MEM_FORMAT_ENCODING, torch.Size]
+    """Unpickle DCP's ``.metadata`` with :class:`_MetadataUnpickler` first: DCP then reads it with
+    plain ``pickle``, which would run any callable a hostile file names."""
     try:
-        with torch.serialization.safe_globals(allowed), open(path, "rb") as f:
-            Unpickler(f).load()
+        with open(path, "rb") as f:
+            _MetadataUnpickler(f).load()
     except Exception as exc:
         raise CheckpointError(f"checkpoint file {path} is not plain DCP metadata (it could run code when "
-                              f"loaded); refused ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                              + _kept(path)) from exc
+                              f"loaded); refused ({type(exc).__name__}: {exc}); " + _kept(path)) from exc
 
 
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -28,6 +28,7 @@ run. ``train.py`` must refuse the combination once it offers the per-layer optim
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import math
 import os
@@ -146,10 +147,12 @@ def process_group(parallel: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterat
     would all write the same run directory). ``"ddp"``/``"fsdp2"``: needs torchrun's environment
     (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); NCCL on
     ``cuda:LOCAL_RANK`` when CUDA is available, else gloo on the CPU. A process group that already
-    exists (a caller's) is used as is and left open. Leaving after success waits at a barrier
-    first and then destroys the group: a rank that exits while another still talks to it (or
-    with the group alive) can abort in gloo's teardown (``terminate called without an active
-    exception``), turning a finished run into a nonzero exit.
+    exists (a caller's) is used as is and left open.
+
+    Leaving after success waits at a barrier, destroys the group, then collects garbage: the
+    model (FSDP2's device mesh, DDP's reducer) keeps process-group objects alive in reference
+    cycles, and a gloo group first freed during interpreter exit can abort (``terminate called
+    without an active exception``, SIGABRT), turning a finished run into a failed one.
     """
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {parallel!r}")
@@ -179,6 +182,7 @@ def process_group(parallel: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterat
     finally:
         if owned:
             dist.destroy_process_group()
+            gc.collect()
 
 
 def support_checksum(model: nn.Module) -> dict[str, int]:

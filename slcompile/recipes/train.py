@@ -555,11 +555,13 @@ def train(cfg: TrainConfig) -> dict:
     With ``cfg.parallel`` ``"ddp"``/``"fsdp2"``, call it on every torchrun rank. Raises
     :class:`Stopped` after checkpointing when a SIGTERM/SIGINT arrives (main thread only).
     """
-    with (distributed.process_group(cfg.parallel, cfg.dist_timeout) as ctx, contextlib.ExitStack() as stack,
-          _stop_requests() as stop):
-        with ctx.all_or_none("setting up the run"):
-            run = setup(cfg, ctx, stack)
-        return _loop(run, stop)
+    with distributed.process_group(cfg.parallel, cfg.dist_timeout) as ctx:
+        return _train(cfg, ctx)  # its frame holds the model: gone before the process group is torn down
+
+
+def _train(cfg: TrainConfig, ctx: DistContext) -> dict:
+    with contextlib.ExitStack() as stack, _stop_requests() as stop:
+        return _loop(setup(cfg, ctx, stack), stop)
 
 
 def _loop(run: Run, stop: list[str]) -> dict:

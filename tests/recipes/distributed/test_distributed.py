@@ -1,12 +1,14 @@
 """Data-parallel training on 2 CPU ranks (gloo, torchrun in a subprocess, bounded in time).
 
 DDP and FSDP2 reproduce the single-process losses on the same global batch; a distributed
-checkpoint written by 2 ranks resumes on 1 and on 2; a rank whose sparse support differs is
-caught at start-up; the exported safetensors file is the merged dense model.
+checkpoint written by 2 ranks resumes on 1 and on 2, and rerunning the finished run exits 0; a
+damaged or hostile shard is refused; a rank whose sparse support differs, or a failure on one
+rank, stops every rank; the exported safetensors file is the merged dense model.
 """
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from slcompile.recipes import distributed
-from slcompile.recipes.checkpoint import MANIFEST, Checkpointer, CheckpointError
+from slcompile.recipes.checkpoint import MANIFEST, Checkpointer, CheckpointError, _check_dcp_metadata
 from slcompile.recipes.distributed import DistContext
 from slcompile.recipes.train import TrainConfig, build_model, evaluate, train
 
@@ -207,6 +209,9 @@ def test_checkpoint_of_two_ranks_resumes_on_one_and_on_two(single, cache, tmp_pa
         losses = _losses(run)
         assert sorted(losses) == list(range(1, 7))
         assert _max_diff(losses, _losses(ref_dir)) < TOL, (nproc, parallel)
+    rerun = torchrun(2, _cli(6, parallel="fsdp2", export=True, out=run), cache)  # a finished run: rc 0 on every rank
+    _check(rerun)
+    assert "terminate called" not in rerun.stdout and _losses(run) == losses
     # The export is the merged dense model: plain nn.Linear weights, same validation loss.
     from safetensors.torch import load_model
     cfg = TrainConfig(**TINY, steps=6)
@@ -221,6 +226,44 @@ def test_checkpoint_of_two_ranks_resumes_on_one_and_on_two(single, cache, tmp_pa
     summary = json.loads((run / "summary.json").read_text())
     assert math.isclose(evaluate(dense, data.val[:cfg.eval_rows], cfg.batch_size),
                         summary["val_loss"], abs_tol=1e-4)
+
+
+class _Payload:
+    """Unpickling this runs ``os.mkdir(marker)``, as a hostile ``.metadata`` could run a shell."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_damaged_or_hostile_shards_are_refused_before_loading(cache, tmp_path):
+    run = tmp_path / "run"
+    _check(torchrun(2, _cli(3, parallel="ddp", out=run), cache))
+    checkpointer = Checkpointer(run, DistContext("ddp", world_size=2))
+    assert checkpointer.load_meta()["step"] == 3
+    metadata = run / "checkpoint" / ".metadata"
+    _check_dcp_metadata(metadata)  # DCP's real metadata passes the restricted unpickler
+    shard = run / "checkpoint" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"checkpoint file {shard} is damaged"):
+        checkpointer.load_meta()
+    marker = tmp_path / "pwned"
+    metadata.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(CheckpointError, match="is not plain DCP metadata"):
+        _check_dcp_metadata(metadata)
+    assert not marker.exists()
+
+
+def test_a_failure_on_rank_0_alone_stops_every_rank_at_once(cache, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run folder")
+    result = torchrun(2, _cli(2, parallel="ddp", dist_timeout=60, out=tmp_path), cache)
+    assert result.returncode != 0
+    assert "is a non-empty folder that is not a run folder" in result.stdout
+    assert "error: another rank failed while checking the settings and --out" in result.stdout
 
 
 def test_support_mismatch_is_detected(cache, tmp_path):
