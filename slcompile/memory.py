@@ -294,6 +294,37 @@ def _check_options(method, per_layer, state_bits, weight_dtype, weight_scale, in
         raise ValueError("compute_dtype 'fp32' needs weight_dtype 'fp32' or 'int8', got weight_dtype 'bf16'")
 
 
+def _layer_activations(method: str, c: int) -> sympy.Expr:
+    """Bytes autograd saves in one decoder layer of :class:`slcompile.recipes.models.llama.Llama`
+    (``c``: bytes per element of the compute dtype)."""
+    tokens = b * s
+    # Each RMSNorm (statistics in fp32) saves an fp32 copy of its input (in fp32: the input
+    # itself), the fp32 rstd per token and its normalized output cast to the compute dtype (for
+    # the weight's gradient); its output is saved by the linears it feeds. In the compute dtype:
+    # both norms' normalized tensors and outputs, RoPE'd q and k, v and the SDPA output (o_proj's
+    # input is a view of it: flash kernels lay it out (b, s, h, hd)): 8 x (tokens, dim); the gate
+    # output (SiLU's input), SiLU(gate), up and their product (down's input): 4 x (tokens,
+    # intermediate). In fp32: the two input copies (tokens, dim), two rstd and the SDPA
+    # logsumexp per head and token.
+    saved = c * tokens * (8 * dim + 4 * intermediate) + 4 * tokens * 2 * dim + 4 * (2 * tokens + heads * tokens)
+    if method == "lowrank":
+        # (x A^T) B^T saves the (tokens, rank) intermediate of each of the seven linears.
+        saved += len(_linear_shapes()) * c * tokens * rank
+    return saved
+
+
+def _linear_transient(method: str, c: int, int8: bool) -> sympy.Expr:
+    """The largest transient of one linear's backward (int8 weights are dequantized to the
+    compute dtype for the GEMMs, one tensor at a time)."""
+    shapes = _linear_shapes()
+    if method == "sltrain":
+        # W = scale * B @ A + S recomputed and the dense dW: two (out, in) compute-dtype matrices.
+        return _max(2 * i * o * c + ((rank * (i + o) + _Nnz(density, i, o)) * c if int8 else 0)
+                    for _, i, o in shapes)
+    per_tensor = {"full": lambda i, o: i * o, "lowrank": lambda i, o: rank * (i + o)}[method]
+    return _max(per_tensor(i, o) * c if int8 else sympy.Integer(0) for _, i, o in shapes)
+
+
 # Validated before the cache: 1 == True would otherwise hit the entry of a valid call.
 @lru_cache(maxsize=None)
 def _memory_model(method: str, per_layer: bool, state_bits: int, weight_dtype: str,
@@ -331,19 +362,7 @@ def _memory_model(method: str, per_layer: bool, state_bits: int, weight_dtype: s
     optimizer_states = sum(t.count * state_bytes(t) for t in tensors)
     all_gradients = elem * total_numel
 
-    # Saved by autograd in one decoder layer of slcompile.recipes.models.llama. Each RMSNorm (statistics in
-    # fp32) saves an fp32 copy of its input (in fp32: the input itself), the fp32 rstd per token
-    # and its normalized output cast to the compute dtype (for the weight's gradient); its output
-    # is saved by the linears it feeds. In the compute dtype: both norms' normalized tensors and
-    # outputs, RoPE'd q and k, v and the SDPA output (o_proj's input is a view of it: flash
-    # kernels lay it out (b, s, h, hd)): 8 x (tokens, dim); the gate output (SiLU's input),
-    # SiLU(gate), up and their product (down's input): 4 x (tokens, intermediate). In fp32: the
-    # two input copies (tokens, dim), two rstd and the SDPA logsumexp per head and token.
-    layer_activations = (c * tokens * (8 * dim + 4 * intermediate) + 4 * tokens * 2 * dim
-                         + 4 * (2 * tokens + heads * tokens))
-    if method == "lowrank":
-        # (x A^T) B^T saves the (tokens, rank) intermediate of each of the seven linears.
-        layer_activations += len(shapes) * c * tokens * rank
+    layer_activations = _layer_activations(method, c)
     # The final RMSNorm (fp32 input copy, rstd, normalized tensor) and its output, the head's input.
     head_activations = 2 * c * tokens * dim + 4 * tokens * dim + 4 * tokens
     activations = layers * layer_activations + head_activations
@@ -359,16 +378,7 @@ def _memory_model(method: str, per_layer: bool, state_bits: int, weight_dtype: s
     loss = 12 * tokens * vocab
 
     # One decoder layer's backward, beyond saved activations and gradients.
-    if method == "sltrain":
-        # W = scale * B @ A + S recomputed and the dense dW: two (out, in) compute-dtype matrices.
-        per_linear = [2 * i * o * c + ((rank * (i + o) + _Nnz(density, i, o)) * c if int8 else 0)
-                      for _, i, o in shapes]
-    elif method == "full":
-        per_linear = [i * o * c if int8 else sympy.Integer(0) for _, i, o in shapes]
-    else:
-        per_linear = [rank * (i + o) * c if int8 else sympy.Integer(0) for _, i, o in shapes]
-    # (int8 weights are dequantized to the compute dtype for the GEMMs, one tensor at a time.)
-    linear_transient = _max(per_linear)
+    linear_transient = _linear_transient(method, c, int8)
     # Activation gradients in flight in the MLP backward: d(act), d(SiLU), d(up) over
     # intermediate, plus the incoming and outgoing gradient over dim.
     grad_buffers = c * tokens * (3 * intermediate + 2 * dim)
