@@ -122,8 +122,8 @@ class ReplacedLayer:
 
 @dataclass
 class TransformReport:
-    """What ``transform`` (or the FX pass) did: replaced layers, kept linears with the reason,
-    and the model's parameter counts before and after."""
+    """What ``transform`` (or the FX pass) did: replaced layers, ``kept`` (``{name: reason}`` for every
+    linear-like layer or other projection weight left dense) and the model's parameter counts."""
 
     replaced: list[ReplacedLayer] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
