@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -101,9 +102,8 @@ def check_writable(directory: Path, what: str) -> None:
     (a regular file on the way, a read-only file system, no permission), before any real work."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / "probe") as probe:
-            probe.write_bytes(b"")
-        os.unlink(directory / "probe")
+        with tempfile.TemporaryFile(dir=directory):  # nameless or removed at once: nothing left behind
+            pass
     except OSError as exc:
         raise ValueError(f"{what} {directory} is not a writable folder ({exc.strerror or exc})") from exc
 

@@ -193,7 +193,10 @@ def check_hf_config(path: str) -> None:
         raise ValueError(f"--hf-config {path}: num_attention_heads {heads} must divide hidden_size {hidden}")
     if heads % kv_heads:
         raise ValueError(f"--hf-config {path}: num_key_value_heads {kv_heads} must divide num_attention_heads {heads}")
-    from transformers.activations import ACT2FN
+    try:
+        from transformers.activations import ACT2FN
+    except ImportError as exc:
+        raise ValueError("--hf-config needs `pip install transformers`") from exc
     if values.get("hidden_act", "silu") not in ACT2FN:
         raise ValueError(f"--hf-config {path}: unknown hidden_act {values['hidden_act']!r}; known: "
                          f"{', '.join(sorted(ACT2FN))}")
@@ -440,8 +443,8 @@ def setup(cfg: TrainConfig, ctx: DistContext, stack: contextlib.ExitStack) -> Ru
         out = Path(cfg.out)
         checkpointer = Checkpointer(out, ctx)
         if ctx.is_main:
-            stack.enter_context(locked_run_dir(out))
             check_writable(cache_dir(), "the data cache (SLCOMPILE_CACHE)")
+            stack.enter_context(locked_run_dir(out))
             checkpointer.recover()
     with ctx.all_or_none("reading the checkpoint"):
         meta = checkpointer.load_meta() if checkpointer.directory.exists() else None

@@ -290,6 +290,13 @@ def test_run_folders_are_checked_before_any_write(tmp_path, capsys):
     assert [p.name for p in foreign.iterdir()] == ["config.json"]
 
 
+def test_an_unwritable_cache_is_refused_before_any_write(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("SLCOMPILE_CACHE", str(tmp_path / "a_file" / "cache"))
+    assert main(_cli(tmp_path / "run", steps=1)) == 2
+    assert "error: the data cache (SLCOMPILE_CACHE) " in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only permissions")
 def test_a_read_only_out_is_refused(tmp_path, capsys):
     tmp_path.chmod(0o555)
