@@ -187,7 +187,7 @@ def check_hf_config(path: str) -> None:
         value = values.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"--hf-config {path}: {key} must be an integer >= 1, got {value!r}")
-    hidden, heads = values.get("hidden_size", 4096), values.get("num_attention_heads", 32)  # LlamaConfig defaults
+    hidden, heads = values.get("hidden_size") or 4096, values.get("num_attention_heads") or 32  # LlamaConfig's defaults
     kv_heads = values.get("num_key_value_heads") or heads
     if values.get("head_dim") is None and hidden % heads:
         raise ValueError(f"--hf-config {path}: num_attention_heads {heads} must divide hidden_size {hidden}")
@@ -593,7 +593,8 @@ def _loop(run: Run, stop: list[str]) -> dict:
                 save_checkpoint(run)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{run.tokens_per_step / (time.perf_counter() - began):.0f}")
+                tokens_per_s = run.tokens_per_step / (time.perf_counter() - began)
+                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
             if stopping and done < cfg.steps:
                 raise Stopped(f"stopped by {stop[0] if stop else 'a signal on another rank'} after step {done} of "
                               f"{cfg.steps}; the checkpoint in {run.checkpointer.directory} holds it: rerun the same "
