@@ -92,3 +92,12 @@ def test_first_auto_call_calibrates_out_of_the_callers_saved_tensor_hooks(monkey
     finally:
         path_policy.runtime_device.cache_clear()
         path_policy.choose_path_for_call.cache_clear()
+
+
+def test_presets_leave_an_uncertain_call_to_materialize():
+    """Preset rates are assumptions: factored only where it promises more than the margin's saving."""
+    spec = path_policy.runtime_device("cuda")
+    shape = (4096, 11008, 1024, int(0.05 * 4096 * 11008))
+    near = cost_model.crossover_tokens(*shape, device=spec) - 1  # factored barely cheaper here
+    assert cost_model.choose_path(near, *shape, spec, "train", 2) == "factored"
+    assert path_policy.choose_path_for_call(near, *shape, "cuda", "train", 2) == "materialize"
