@@ -2,7 +2,7 @@
 
 Without them the counter (and MFU tools built on it) sees 0 FLOPs for every ``SLLinear``. A
 multiply-add counts 2, as torch's ``mm`` formula does; the kernels counted per op are those of
-:func:`slcompile.cost_model.kernels` (``tests/test_flops.py`` checks the totals agree), with the
+:func:`slcompile.cost_model.path_kernels` (``tests/test_flops.py`` checks the totals agree), with the
 input-gradient kernels left out when ``need_dx`` is False. Shapes: ``x (..., in)``, ``A (r, in)``,
 ``B (out, r)``, ``values (nnz,)``; ``N`` is the product of ``x``'s leading dimensions.
 """
