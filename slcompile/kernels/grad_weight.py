@@ -33,7 +33,13 @@ from slcompile.kernels.host import SUPPORTED_DTYPES, check_blocks, check_index, 
 from slcompile.kernels.tile_index import tile_index
 from slcompile.kernels.tiles import tile_matmul, tile_support_range
 
-__all__ = ["grad_weight"]
+__all__ = ["BLOCKS", "grad_weight"]
+
+# Launch configuration per ``tl.dot`` precision ("tf32": every tensor-core dot, bf16/fp16 too).
+# IEEE fp32 products run on the FMA units with the operand tiles in registers: a 128 x 128 tile
+# spills on sm_90a, 64 x 128 does not (benchmarks/kernels_sm90.py).
+BLOCKS = {"tf32": dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3),
+          "ieee": dict(block_m=64, block_n=128, block_k=32, num_warps=8, num_stages=3)}
 
 
 @triton.jit
@@ -71,17 +77,23 @@ def _grad_weight_kernel(
 
 
 def grad_weight(grad_y: Tensor, x: Tensor, support: Tensor, *, write_dw: bool = True,
-                values_dtype: torch.dtype | None = None, block_m: int = 128, block_n: int = 128,
-                block_k: int = 32, num_warps: int = 8, num_stages: int = 3) -> tuple[Tensor | None, Tensor]:
+                values_dtype: torch.dtype | None = None, **launch: int) -> tuple[Tensor | None, Tensor]:
     """``(dW, dvalues)``: ``dW (out, in) = grad_y^T @ x`` and ``dvalues (nnz,) = dW.view(-1)[support]``.
 
     ``grad_y (N, out)`` and ``x (N, in)``: 2-D, any strides, one dtype of fp16/bf16/fp32.
     ``support (nnz,)`` int32/int64 flat row-major indices into ``(out, in)``, any order, each in
     range (not checked). ``dW`` is ``None`` when ``write_dw`` is False (nothing ``(out, in)`` is
-    allocated). ``values_dtype``: dtype of ``dvalues`` (default ``grad_y``'s). Blocks: powers of
-    two in [16, 256] (``ValueError`` otherwise). ``N == 0`` gives zeros.
+    allocated). ``values_dtype``: dtype of ``dvalues`` (default ``grad_y``'s). ``launch``: any of
+    ``block_m``, ``block_n``, ``block_k`` (powers of two in [16, 256], ``ValueError`` otherwise),
+    ``num_warps``, ``num_stages``, over :data:`BLOCKS` for the dot precision. ``N == 0`` gives zeros.
     """
-    check_blocks("grad_weight", num_warps, block_m=block_m, block_n=block_n, block_k=block_k)
+    unknown = set(launch) - set(BLOCKS["tf32"])
+    if unknown:
+        raise TypeError(f"grad_weight got unexpected launch arguments {sorted(unknown)}")
+    precision = dot_precision(x.dtype)
+    config = {**BLOCKS[precision], **launch}
+    block_m, block_n, block_k = config["block_m"], config["block_n"], config["block_k"]
+    check_blocks("grad_weight", config["num_warps"], block_m=block_m, block_n=block_n, block_k=block_k)
     if grad_y.dim() != 2 or x.dim() != 2 or grad_y.shape[0] != x.shape[0]:
         raise ValueError(f"grad_weight expects grad_y (N, out) and x (N, in), got {tuple(grad_y.shape)} "
                          f"and {tuple(x.shape)}")
@@ -103,7 +115,7 @@ def grad_weight(grad_y: Tensor, x: Tensor, support: Tensor, *, write_dw: bool = 
         grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
         dw.stride(0) if write_dw else 0, dw.stride(1) if write_dw else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, WRITE_DW=write_dw,
-        INPUT_PRECISION=dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
+        INPUT_PRECISION=precision, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if index.perm is not None:  # computed in sorted order: put each back at its own position
         dvalues = torch.empty_like(dvalues).index_copy_(0, index.perm, dvalues)

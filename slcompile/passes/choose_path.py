@@ -31,16 +31,13 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from slcompile import cost_model, ops_factored  # noqa: F401  (registers slcompile::sl_linear_factored)
 from slcompile.path_policy import runtime_device
+from slcompile.passes.nodes import SL_LINEAR, node_value
 
-__all__ = ["DEFAULT_MARGIN", "ChoosePathPass", "SL_LINEAR", "SL_LINEAR_FACTORED"]
+__all__ = ["DEFAULT_MARGIN", "ChoosePathPass", "SL_LINEAR_FACTORED"]
 
-SL_LINEAR = torch.ops.slcompile.sl_linear.default
 SL_LINEAR_FACTORED = torch.ops.slcompile.sl_linear_factored.default
 DEFAULT_MARGIN = cost_model.DEFAULT_MARGIN
 
-
-def _val(node):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
 class ChoosePathPass(CustomGraphPass):
@@ -73,8 +70,8 @@ class ChoosePathPass(CustomGraphPass):
                     node.target = SL_LINEAR_FACTORED
 
     def _decide(self, node: fx.Node) -> str:
-        x, A, B, values = (_val(arg) for arg in node.args[:4])
-        out = _val(node)
+        x, A, B, values = (node_value(arg) for arg in node.args[:4])
+        out = node_value(node)
         if not all(isinstance(t, torch.Tensor) for t in (x, A, B, values, out)):
             self.notes.append(f"{node.name}: operands without fake values: kept materialize")
             self.counts["materialize"] += 1

@@ -28,10 +28,11 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.pattern_matcher import stable_topological_sort
 
+from slcompile.passes.nodes import SL_LINEAR
+
 __all__ = ["FuseSharedInputPass"]
 
 aten = torch.ops.aten
-SL_LINEAR = torch.ops.slcompile.sl_linear.default
 MATERIALIZE = torch.ops.slcompile.materialize.default
 
 

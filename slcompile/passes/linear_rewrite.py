@@ -51,11 +51,11 @@ from slcompile.config import SLConfig
 from slcompile.layers import SLLinear
 from slcompile.transform import (TransformReport, count_parameters, shared_weights, swap_module, build_sl_linear,
                                  check_targets_used, describe, linear_keep_reason, linear_wrapped_reason)
+from slcompile.passes.nodes import SL_LINEAR
 
 __all__ = ["rewrite_linears"]
 
 aten = torch.ops.aten
-SL_LINEAR = torch.ops.slcompile.sl_linear.default
 _LINEAR_FNS = {F.linear, aten.linear.default}  # (input, weight, bias=None); F.linear is torch._C._nn.linear
 _EMBEDDING_WEIGHT_ARG = {F.embedding: 1, aten.embedding.default: 0}
 _PARAMETRIZED = "module is parametrized (torch.nn.utils.parametrize)"

@@ -41,9 +41,10 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from slcompile.passes.nodes import SL_LINEAR, node_value
+
 __all__ = ["SLTrainPatternPass"]
 
-SL_LINEAR = torch.ops.slcompile.sl_linear.default
 
 # Normalized names of the torch-level calls Dynamo records (call_function targets and call_method names).
 _FUNCTIONS = {
@@ -79,9 +80,6 @@ def _kind(node) -> str | None:
         return _METHODS.get(node.target)
     return None
 
-
-def _val(node):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
 def _same(a, b) -> bool:
@@ -158,7 +156,7 @@ def _consumer(node: fx.Node) -> tuple[fx.Node, fx.Node, object, list[fx.Node]] |
 
 def _is_transpose(node) -> bool:
     kind = _kind(node)
-    val = _val(node)
+    val = node_value(node)
     if kind is None or val is None or val.dim() != 2:
         return False
     rest = [a for a in node.args[1:] if a not in ("T", "mT")]
@@ -210,7 +208,7 @@ def _scatter(node, chain: list[fx.Node]) -> tuple[fx.Node, fx.Node, fx.Node]:
     else:
         raise _NoMatch("")
     chain.append(_single_use(node, "the scatter"))
-    idx_val, values_val, base_val = _val(idx), _val(values), _val(base)
+    idx_val, values_val, base_val = node_value(idx), node_value(values), node_value(base)
     if (idx_val is None or values_val is None or base_val is None or base_val.dim() != 1 or idx_val.dim() != 1
             or values_val.dim() != 1 or idx_val.dtype not in (torch.int32, torch.int64)
             or not _same(idx_val.shape[0], values_val.shape[0])):
@@ -227,7 +225,7 @@ def _plain_index(idx: fx.Node, chain: list[fx.Node]) -> fx.Node:
         extra = list(idx.args[1:]) + list(idx.kwargs.values())
         if idx.target not in ("long", "to") or (idx.target == "to" and extra != [torch.int64]):
             break
-        source = _val(idx.args[0])
+        source = node_value(idx.args[0])
         if source is None or source.dtype not in (torch.int32, torch.int64):
             break
         chain.append(idx)
@@ -244,7 +242,7 @@ def _low_rank(node, chain: list[fx.Node]) -> tuple[fx.Node, fx.Node, float]:
     chain.append(_single_use(node, "the low-rank product"))
     left, s_left = _scaled(node.args[0], chain)
     right, s_right = _scaled(node.args[1], chain)
-    b_val, a_val = _val(left), _val(right)
+    b_val, a_val = node_value(left), node_value(right)
     if b_val is None or a_val is None or b_val.dim() != 2 or a_val.dim() != 2:
         raise _NoMatch(f"{node.name}: the product's operands are not 2-D")
     return left, right, scale * s_left * s_right
@@ -274,7 +272,7 @@ def _match(consumer: fx.Node, x, weight, bias, extra: list[fx.Node]) -> _Match:
     chain = [consumer, *extra]
     for node in extra:
         _single_use(node, "the transposed weight")
-    weight_val, x_val = _val(weight), _val(x)
+    weight_val, x_val = node_value(weight), node_value(x)
     if weight_val is None or x_val is None or weight_val.dim() != 2:
         raise _NoMatch("")
     _single_use(weight, "the weight")
@@ -286,11 +284,11 @@ def _match(consumer: fx.Node, x, weight, bias, extra: list[fx.Node]) -> _Match:
     else:
         base, idx, values = _scatter(weight, chain)
         B, A, scale = _low_rank(_flat(base, chain), chain)
-    out_f, in_f = _val(B).shape[0], _val(A).shape[1]
-    low = _val(B)
+    out_f, in_f = node_value(B).shape[0], node_value(A).shape[1]
+    low = node_value(B)
     if not (_same(weight_val.shape[0], out_f) and _same(weight_val.shape[1], in_f)):
         raise _NoMatch(f"{weight.name}: the weight is not viewed back to (out, in) = ({out_f}, {in_f})")
-    if not (low.dtype == _val(A).dtype == _val(values).dtype == x_val.dtype == weight_val.dtype):
+    if not (low.dtype == node_value(A).dtype == node_value(values).dtype == x_val.dtype == weight_val.dtype):
         raise _NoMatch(f"{consumer.name}: x, A, B, values differ in dtype")
     return _Match(x, A, B, values, idx, float(scale), bias, chain)
 
@@ -301,7 +299,7 @@ def _flat(base, chain: list[fx.Node]) -> fx.Node:
         raise _NoMatch("")
     chain.append(_single_use(base, "the flattened product"))
     source = base.args[0]
-    source_val = _val(source)
+    source_val = node_value(source)
     if source_val is None or source_val.dim() != 2:
         raise _NoMatch(f"{base.name}: does not flatten a 2-D product")
     return source

@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from slcompile import SLConfig, SLLinear, transform
 from slcompile.passes import rewrite_linears
-from slcompile.passes.linear_rewrite import SL_LINEAR
+from slcompile.passes.nodes import SL_LINEAR
 
 aten = torch.ops.aten
 dims = st.integers(1, 9)

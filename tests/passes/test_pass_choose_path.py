@@ -12,7 +12,8 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 import slcompile
 import slcompile.backend as backend
 from slcompile import cost_model, ops
-from slcompile.passes.choose_path import DEFAULT_MARGIN, SL_LINEAR, SL_LINEAR_FACTORED, ChoosePathPass
+from slcompile.passes.choose_path import DEFAULT_MARGIN, SL_LINEAR_FACTORED, ChoosePathPass
+from slcompile.passes.nodes import SL_LINEAR
 
 # FLOPs alone decide (one rate, no bandwidth or launch cost): crossovers follow from the formulas.
 FLOPS_ONLY = cost_model.DeviceSpec("flops-only", dense_flops=1e12, form_flops=1e12, spmm_flops=1e12,

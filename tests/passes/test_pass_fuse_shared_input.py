@@ -7,7 +7,8 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from slcompile import ops
-from slcompile.passes.fuse_shared_input import MATERIALIZE, SL_LINEAR, FuseSharedInputPass
+from slcompile.passes.fuse_shared_input import MATERIALIZE, FuseSharedInputPass
+from slcompile.passes.nodes import SL_LINEAR
 from slcompile.support import generate_support
 
 IN = 12

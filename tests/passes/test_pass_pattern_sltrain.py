@@ -15,7 +15,8 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from slcompile.passes.pattern_sltrain import SL_LINEAR, SLTrainPatternPass
+from slcompile.passes.nodes import SL_LINEAR
+from slcompile.passes.pattern_sltrain import SLTrainPatternPass
 from slcompile.support import generate_support
 
 OUT, IN, RANK = 6, 10, 3
