@@ -236,7 +236,7 @@ def decoder_layer_saved(cases: list[dict], cfg: LlamaConfig, tokens: int) -> dic
 
 
 def flop_floors(cfg: LlamaConfig, tokens: int) -> dict[str, float]:
-    """fwd+bwd FLOPs as a multiple of dense ``6*N*in*out`` (DESIGN.md section 4).
+    """fwd+bwd FLOPs as a multiple of dense ``6*N*in*out`` (docs/compute.md).
 
     ``sllinear_mat`` forms W twice (forward, backward) plus dA/dB from dense dW: ``1 + 4r/(3N)``;
     ``autograd`` keeps W, forming it once: ``1 + r/N``. (``sllinear``: its pick's, per linear.)

@@ -69,7 +69,7 @@ def test_meta_build_of_7b_allocates_nothing_and_counts_params():
     with torch.device("meta"):
         model = Llama(get_config("llama-7b"))
     assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
-    assert round(count_params(model) / 1e6, 2) == 6738.42  # REFERENCE.md section 3
+    assert round(count_params(model) / 1e6, 2) == 6738.42  # the paper's LLaMA-7B count
     assert count_params(Llama.from_name("llama-60m", device="meta")) == pytest.approx(58.07e6, abs=5e3)
 
 
