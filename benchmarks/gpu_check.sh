@@ -1,19 +1,51 @@
 #!/usr/bin/env bash
-# The one short GPU run for a session that is lent a device (one H200, its own torch + triton):
-# kernel correctness compiled (bf16 included), then the layer benchmark and the path timings,
-# JSON into $OUT (default benchmarks/results). About 6-10 minutes; each step has its own limit so
-# a hang in one still leaves the others' results.
-#   bash benchmarks/gpu_check.sh            # from the repository root, on the GPU machine
+# The one-shot GPU check: one H200 (or any CUDA GPU), the machine's own python3 and torch
+# (>= 2.11) with its Triton, nothing installed: the project runs from this source tree.
+#
+#   bash benchmarks/gpu_check.sh             # about 6 minutes; JSON into $OUT (default benchmarks/results/gpu_check)
+#   bash benchmarks/gpu_check.sh --dry-run   # the same steps on CPU, tiny shapes, Triton interpreter (CI)
+#
+# Steps (each has a time limit, writes its JSON the moment it finishes, and a failure does not
+# stop the next; steps.jsonl gets one line per step: name, exit code, seconds; NAME.log the output):
+#   device.json               torch / Triton / CUDA versions, the GPU
+#   correctness_DTYPE.json    the Triton kernels vs float64 torch, bf16 / fp16 / fp32 in parallel
+#   kernel_timings.json       the kernels vs their cuBLAS + index_add / gather routes, 350M/1B/7B shapes
+#   layer_bench.json          benchmarks/layer_bench.py: one decoder layer, 350M/1B/7B x 2k/8k/16k tokens
+#   memory_7b.json            fwd+bwd peak of a 7B layer's linears, SLLinear vs dense
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-benchmarks/results}"
-mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+OUT="${OUT:-benchmarks/results/gpu_check}"
+DRY=""
+if [ "${1:-}" = "--dry-run" ]; then
+  DRY="--dry-run"
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu_info.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu_info.txt"
-# Kernels against float64 references, compiled for the GPU (tests/kernels/kernel_cases.py).
-timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/kernel_cases.py 2>&1 | tail -30 | tee "$OUT/gpu_kernel_cases.txt"
-# The seven linears of one decoder layer at 350M/1B/7B x 2k/8k/16k tokens, bf16.
-timeout 270 python benchmarks/layer_bench.py --device cuda --repeats 10 --out "$OUT/layer_bench_cuda.json" 2>&1 | tail -40
-# Materialize vs factored per linear shape at 1..16k tokens, scored against the h200-triton preset.
-timeout 120 python benchmarks/paths_bench.py --device cuda --repeats 5 --out "$OUT/paths_bench_cuda.json" 2>&1 | tail -60
+mkdir -p "$OUT"
+
+step() {  # step NAME LIMIT_S COMMAND...: run it under its limit, log it, record its exit code
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - start))}" | tee -a "$OUT/steps.jsonl"
+}
+
+step device 20 "$PY" benchmarks/gpu_check.py device "$OUT/device.json" $DRY
+if [ -n "$DRY" ]; then
+  DTYPES="float32 float16"  # the interpreter's bf16 arithmetic is wrong
+  LAYER="--device cpu --shapes tiny --tokens 32 --repeats 1 --warmup 0"
+else
+  DTYPES="bfloat16 float16 float32"
+  LAYER="--device cuda --shapes 350m,1b,7b --tokens 2048,8192,16384 --repeats 5 --warmup 1"
+fi
+for dtype in $DTYPES; do
+  step "correctness_$dtype" 60 "$PY" benchmarks/gpu_check.py correctness "$OUT/correctness_$dtype.json" --dtype "$dtype" $DRY &
+done
+wait
+step kernel_timings 60 "$PY" benchmarks/gpu_check.py timings "$OUT/kernel_timings.json" $DRY
+# shellcheck disable=SC2086  # LAYER is a list of arguments
+step layer_bench 175 "$PY" benchmarks/layer_bench.py $LAYER --variants dense,autograd,sllinear,backend \
+  --plot none --out "$OUT/layer_bench.json"
+step memory_7b 40 "$PY" benchmarks/gpu_check.py memory "$OUT/memory_7b.json" $DRY

@@ -26,7 +26,7 @@ Time: median of ``forward + backward(grad_y)`` over ``--repeats``, variants inte
 round-robin (order rotated each repeat) after warm-up; CUDA times are wall time around a
 synchronized call. Peak: CUDA ``max_memory_allocated`` above the pre-call level; CPU the
 allocation-event replay of ``layer_cpu.peak_bytes`` (bytes allocated and live during the call).
-Ratios are to ``dense``; ``floor`` is DESIGN.md's FLOP floor of the materialize path,
+Ratios are to ``dense``; ``floor`` is the FLOP floor of the materialize path,
 ``1 + 4r/(3N)`` (the ``autograd`` variant keeps ``W`` and forms it once: ``1 + r/N``).
 Writes ``benchmarks/results/layer_bench_<device>.json`` and a PNG bar chart next to it (time and
 peak per case and variant, the floor marked).
@@ -247,7 +247,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", default=None, help="default benchmarks/results/layer_bench_<device>.json")
-    parser.add_argument("--plot", default=None, help="PNG bar chart (default next to the JSON)")
+    parser.add_argument("--plot", default=None, help="PNG bar chart (default next to the JSON; 'none': no chart)")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     args.shapes = [s if s.startswith("llama-") else f"llama-{s}"
@@ -260,7 +260,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--variants: known {VARIANTS}; 'sllinear' (the reference of the check) is required")
     args.repeats = args.repeats or (20 if gpu else 5)
     args.out = Path(args.out or Path(__file__).parent / "results" / f"layer_bench_{args.device}.json")
-    args.plot = Path(args.plot) if args.plot else args.out.with_suffix(".png")
+    args.plot = None if args.plot == "none" else Path(args.plot) if args.plot else args.out.with_suffix(".png")
     return args
 
 
@@ -270,10 +270,22 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.shapes:
         for tokens in args.tokens:
             results.append(bench_case(name, get_config(name), tokens, args))
+            write_report(args, results, started)  # after every case: a run cut short keeps what it measured
             print(f"done {name} {tokens} tokens ({time.perf_counter() - started:.0f} s)", flush=True)
+    report = write_report(args, results, started)
+    if args.plot:
+        plot(results, args.variants, args.plot)
+    print_table(results, args.variants)
+    print(f"wrote {args.out}{f' and {args.plot}' if args.plot else ''} ({report['runtime_s']} s)")
+    return report
+
+
+def write_report(args: argparse.Namespace, results: list[dict], started: float) -> dict:
+    """The JSON of ``--out`` with the cases measured so far."""
     report = {
         "benchmark": "layer_bench",
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -284,11 +296,7 @@ def main(argv=None) -> dict:
                      "warmup": args.warmup, "variants": args.variants, "command": " ".join(["python", *sys.argv])},
         "results": results, "runtime_s": round(time.perf_counter() - started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    plot(results, args.variants, args.plot)
-    print_table(results, args.variants)
-    print(f"wrote {args.out} and {args.plot} ({report['runtime_s']} s)")
     return report
 
 
