@@ -53,6 +53,8 @@ def _host_defaults(fn) -> dict:
 
 def cases() -> list[dict]:
     """Every (kernel, shape, direction, dtype, mode) with its launch arguments, as the host passes them."""
+    import torch
+
     from slcompile.kernels import grad_weight, materialize, spmm
 
     found = []
@@ -90,7 +92,8 @@ def cases() -> list[dict]:
                 found.append(dict(  # x S^T (S: out_ x in_) in forward; dY S is the same kernel with the roles swapped
                     kernel="spmm", shape=f"{shape} {out_}x{in_}", dtype=dname, fn=spmm._spmm_kernel,
                     args=dict(crow_ptr="i32", col_ptr="i32", val_ptr=dtype, dense_ptr=dtype, out_ptr=dtype,
-                              n_rows=out_, tokens=tokens, stride_dk=tokens, stride_dt=1, stride_ot=out_,
+                              n_rows=out_, tokens=tokens, stride_dk=spmm.token_major(torch.empty(tokens, 1)).stride(1),
+                              stride_dt=1, stride_ot=out_,
                               stride_or=1),
                     constexprs=dict(BLOCK_R=blocks["block_r"], BLOCK_T=blocks["block_t"]),
                     options=dict(num_warps=blocks["num_warps"]), nnz=nnz))

@@ -10,7 +10,8 @@ a ``(BLOCK_R,)`` vector of columns and values) and adds ``dense[tokens, col] * v
 uniform random support hold nearly the same count (binomial: ``density * k`` give or take its
 square root), so the lockstep wastes little. Each step gathers ``BLOCK_T`` tokens of ``BLOCK_R``
 random columns: the host makes the token axis contiguous so those reads are coalesced
-(a transposed copy of ``dense``, ``N * k`` elements, when it is not already).
+(a transposed copy of ``dense``, ``N * k`` elements padded to 16-element columns, when it is not
+already: :func:`token_major`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from slcompile.kernels.host import SUPPORTED_DTYPES, check_blocks, check_index
 
-__all__ = ["spmm"]
+__all__ = ["spmm", "token_major"]
 
 
 @triton.jit
@@ -54,6 +55,16 @@ def _spmm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & row_ok[None, :])
 
 
+def token_major(dense: Tensor) -> Tensor:
+    """A copy of ``dense (N, k)`` with the token axis contiguous (coalesced gathers, module doc)
+    and each column's start a multiple of 16 elements apart: Triton then knows the stride is
+    divisible by 16 and vectorizes the gathers (an odd ``N`` such as 2047 otherwise takes 4x
+    the instructions per step on sm_90a, benchmarks/kernels_sm90.py)."""
+    padded = -(-dense.shape[0] // 16) * 16
+    out = torch.empty(dense.shape[1], padded, device=dense.device, dtype=dense.dtype)[:, :dense.shape[0]]
+    return out.copy_(dense.t()).t()
+
+
 def spmm(crow: Tensor, col: Tensor, values: Tensor, dense: Tensor, *, out: Tensor | None = None,
          block_r: int = 32, block_t: int = 64, num_warps: int = 4) -> Tensor:
     """``out (N, rows) = dense (N, k) @ S^T`` for ``S (rows, k)`` in CSR.
@@ -80,7 +91,7 @@ def spmm(crow: Tensor, col: Tensor, values: Tensor, dense: Tensor, *, out: Tenso
     if out.numel() == 0:
         return out
     if dense.stride(0) != 1 and tokens > 1:
-        dense = dense.t().contiguous().t()  # token axis contiguous: coalesced gathers (module doc)
+        dense = token_major(dense)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(tokens, block_t))
     _spmm_kernel[grid](
         crow, col, values, dense, out, n_rows, tokens,
