@@ -44,7 +44,7 @@ from slcompile.optim.lowbit import STATE_BITS
 from slcompile.recipes import distributed
 from slcompile.recipes.baselines import to_lowrank
 from slcompile.recipes.checkpoint import Checkpointer
-from slcompile.recipes.data import BatchIterator, cache_dir, eval_batches, load_text_data
+from slcompile.recipes.data import TOKEN_DTYPES, BatchIterator, TextData, cache_dir, eval_batches, load_text_data
 from slcompile.recipes.distributed import DEFAULT_TIMEOUT_S, PARALLEL_MODES, DistContext
 from slcompile.recipes.files import atomic_path, check_writable, locked_run_dir
 from slcompile.recipes.models.llama import Llama
@@ -95,7 +95,14 @@ class TrainConfig:
     rank: Optional[int] = None  # default: the model config's (paper) rank
     alpha: Optional[float] = None
     density: Optional[float] = None
-    corpora: tuple[str, ...] = ("kjv", "shakespeare", "wiki")
+    corpora: tuple[str, ...] = ("kjv", "shakespeare", "wiki")  # named corpora (the CLI's default: none with --data)
+    data: tuple[str, ...] = ()  # your files: paths, globs or folders (slcompile.recipes.data.sources)
+    val_data: tuple[str, ...] = ()  # validation files; default: a split by a hash of each document's id
+    val_fraction: float = 0.02  # the share of documents the hash split puts in validation
+    text_field: str = "text"  # the document field of .jsonl/.json/.parquet files
+    data_dtype: str = "uint16"  # the ids' type in pre-tokenized .bin files
+    tokenizer: Optional[str] = None  # a tokenizers JSON; default: a byte-level BPE trained on the data
+    tokenize_workers: int = 1  # processes that tokenize (once, into the cache)
     vocab_size: int = 4096
     seed: int = 0
     eval_every: int = 50
@@ -123,13 +130,17 @@ class TrainConfig:
         positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "eval_every": self.eval_every, "eval_rows": self.eval_rows, "log_every": self.log_every,
                     "checkpoint_every": self.checkpoint_every, "vocab_size": self.vocab_size,
-                    "threads": 1 if self.threads is None else self.threads}
+                    "threads": 1 if self.threads is None else self.threads, "tokenize_workers": self.tokenize_workers}
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if self.vocab_size < MIN_VOCAB:
             raise ValueError(f"--vocab-size must be >= {MIN_VOCAB} (the 256 byte tokens and end-of-text of the "
                              f"byte-level BPE), got {self.vocab_size}")
+        if self.data_dtype not in TOKEN_DTYPES:
+            raise ValueError(f"--data-dtype must be one of {', '.join(TOKEN_DTYPES)}, got {self.data_dtype!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must lie in [0, 1), got {self.val_fraction!r}")
         if not (math.isfinite(self.lr) and 0 < self.lr <= MAX_LR):
             raise ValueError(f"--lr must be a positive number below {MAX_LR:.3g}, got {self.lr!r}")
         if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
@@ -169,9 +180,10 @@ class TrainConfig:
 # cosine schedule depends on the total, so a longer run is a different run. `parallel`: DDP,
 # FSDP2 and one process compute the same updates (up to float rounding) and read each other's
 # distributed checkpoints. `checkpoint_activations`: recomputation gives the same values.
-# `skip_nonfinite`: finite steps are the same with or without it.
+# `skip_nonfinite`: finite steps are the same with or without it. `tokenize_workers`: any number
+# writes the same token shards.
 RESUMABLE_FIELDS = {"out", "eval_every", "log_every", "checkpoint_every", "threads", "progress", "parallel",
-                    "export", "checkpoint_activations", "skip_nonfinite", "dist_timeout"}
+                    "export", "checkpoint_activations", "skip_nonfinite", "dist_timeout", "tokenize_workers"}
 
 
 def check_hf_config(path: str) -> None:
@@ -421,8 +433,9 @@ class Run:
 
 
 def setup(cfg: TrainConfig, ctx: DistContext, stack: contextlib.ExitStack) -> Run:
-    """Everything before the first step, cheapest checks first: settings and model, the run folder
-    (locked on rank 0 for the life of ``stack``), the checkpoint to resume, the data, the state.
+    """Everything before the first step, cheapest checks first: settings and model, the data cache
+    (filled by rank 0: bad input fails before the run folder is touched), the run folder (locked on
+    rank 0 for the life of ``stack``), the checkpoint to resume, the data, the state.
 
     Each phase fails on every rank or on none (:meth:`DistContext.all_or_none`), so an error on
     one rank is one clear error, not a hang until ``--dist-timeout``.
@@ -444,23 +457,26 @@ def setup(cfg: TrainConfig, ctx: DistContext, stack: contextlib.ExitStack) -> Ru
         checkpointer = Checkpointer(out, ctx)
         if ctx.is_main:
             check_writable(cache_dir(), "the data cache (SLCOMPILE_CACHE)")
+    with ctx.all_or_none("filling the data cache"):
+        if ctx.is_main:  # rank 0 reads every input once (bad input fails here, before --out is touched)
+            load_data(cfg, progress=cfg.progress and sys.stderr.isatty())
+    with ctx.all_or_none("locking --out"):
+        if ctx.is_main:
             stack.enter_context(locked_run_dir(out))
             checkpointer.recover()
     with ctx.all_or_none("reading the checkpoint"):
         meta = checkpointer.load_meta() if checkpointer.directory.exists() else None
         if meta is not None:
             check_resumable(meta, cfg, checkpointer.directory)
-    with ctx.all_or_none("filling the data cache"):
-        if ctx.is_main:  # rank 0 fills the tokenizer/token cache, the others then read it
-            load_text_data(cfg.corpora, cfg.vocab_size)
     with ctx.all_or_none("loading the data and the model state"):
-        data = replace(load_text_data(cfg.corpora, cfg.vocab_size), seq_len=seq_len)
-        if data.vocab_size != cfg.vocab_size:
+        data = load_data(cfg)  # memory-mapped shards from the cache rank 0 filled
+        if cfg.tokenizer is None and data.vocab_size != cfg.vocab_size:
             raise ValueError(f"--vocab-size {cfg.vocab_size}: the tokenizer reached only {data.vocab_size} entries "
-                             f"on these corpora; pass --vocab-size {data.vocab_size}")
+                             f"on this data; pass --vocab-size {data.vocab_size}")
         val_rows = data.val[:cfg.eval_rows]
         if len(val_rows) == 0:
-            raise ValueError("the validation split is empty: use more corpora or a shorter --seq-len")
+            raise ValueError("the validation split is empty: use more data, a larger --val-fraction or a shorter "
+                             "--seq-len")
         distributed.verify_supports(model, ctx)
         model = model.to(ctx.device)
         micro_tokens = cfg.batch_size // ctx.world_size * seq_len
@@ -468,8 +484,9 @@ def setup(cfg: TrainConfig, ctx: DistContext, stack: contextlib.ExitStack) -> Ru
         model = distributed.wrap(model, ctx)
         optimizer = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        run = Run(cfg, ctx, out, model, optimizer, scheduler, BatchIterator(data.train, cfg.batch_size, seed=cfg.seed),
-                  val_rows, checkpointer, info, paths, data.vocab_size)
+        batches = BatchIterator(data.train, cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
+        run = Run(cfg, ctx, out, model, optimizer, scheduler, batches, val_rows, checkpointer, info, paths,
+                  data.vocab_size)
         if meta is not None:
             checkpointer.load_state(model, optimizer)
             scheduler.load_state_dict(meta["scheduler"])
@@ -481,6 +498,13 @@ def setup(cfg: TrainConfig, ctx: DistContext, stack: contextlib.ExitStack) -> Ru
             run.log = _open_metrics(out / "metrics.jsonl", run.step if meta else None, stack)
             _write_json(out / "config.json", _config_dict(cfg))
     return run
+
+
+def load_data(cfg: TrainConfig, progress: bool = False) -> TextData:
+    """The run's data: tokenized into the cache on first use, memory-mapped, packed to ``cfg.seq_len``."""
+    return load_text_data(cfg.corpora, cfg.vocab_size, cfg.seq_len, cfg.val_fraction, data=cfg.data,
+                          val_data=cfg.val_data, text_field=cfg.text_field, data_dtype=cfg.data_dtype,
+                          tokenizer=cfg.tokenizer, workers=cfg.tokenize_workers, progress=progress)
 
 
 def _open_metrics(path: Path, resumed_step: Optional[int], stack: contextlib.ExitStack) -> TextIO:
@@ -501,7 +525,8 @@ def train_step(run: Run) -> tuple[float, Optional[float], float]:
     ``--skip-nonfinite``, skips the update and counts it): the weights stay as last checkpointed.
     """
     cfg, ctx, optimizer = run.cfg, run.ctx, run.optimizer
-    micro_batches = [ctx.local_batch(next(run.batches)) for _ in range(cfg.grad_accum)]
+    # The iterator yields this rank's slice of each global batch (only those rows are read).
+    micro_batches = [tuple(t.to(ctx.device) for t in next(run.batches)) for _ in range(cfg.grad_accum)]
 
     def forward_backward() -> float:
         """All micro-batches of one update; the mean loss (run twice by two-pass clipping)."""
@@ -655,7 +680,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if f.name == "corpora":
-            parser.add_argument(flag, default=",".join(default), help="comma-separated corpus names")
+            parser.add_argument(flag, help=f"comma-separated corpus names (default: {','.join(default)}, or none "
+                                "with --data)")
+        elif f.name in ("data", "val_data"):
+            parser.add_argument(flag, action="append", default=[], metavar="PATH_OR_GLOB",
+                                help="repeatable: .txt, .jsonl/.json, .parquet (.gz/.zst), or pre-tokenized .bin/.npy")
         elif isinstance(default, bool):  # --export, --per-layer, --int8-weights; --no-progress
             parser.add_argument("--no-" + flag[2:] if default else flag, dest=f.name,
                                 action="store_false" if default else "store_true")
@@ -671,7 +700,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                         "alpha": float, "density": float, "clip": float}.get(f.name, str)
             parser.add_argument(flag, type=kind, default=default)
     args = vars(parser.parse_args(argv))
-    args["corpora"] = tuple(c for c in args["corpora"].split(",") if c)
+    corpora = args["corpora"] if args["corpora"] is not None else "" if args["data"] else ",".join(defaults.corpora)
+    args.update(corpora=tuple(c for c in corpora.split(",") if c), data=tuple(args["data"]),
+                val_data=tuple(args["val_data"]))
     try:
         return TrainConfig(**args)
     except ValueError as exc:

@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer trained on the training split, cached on disk.
+"""Byte-level BPE tokenizer trained on the training split, cached on disk; or one given as a file.
 
 Byte-level BPE needs no unknown token and decodes every string back exactly (no normalizer, no
 added prefix space), so ``decode(encode(text)) == text`` for any unicode text.
@@ -18,6 +18,8 @@ from slcompile.recipes.data.corpora import Document, content_hash
 from slcompile.recipes.files import cached
 
 EOS = "<|endoftext|>"
+# End-of-text tokens looked up, in this order, in a given tokenizer (GPT-2, LLaMA/T5, LLaMA 3, ...).
+EOS_TOKENS = (EOS, "</s>", "<|end_of_text|>", "<eos>", "[SEP]")
 # Bump when the training recipe below changes, so cached tokenizers are retrained.
 TOKENIZER_VERSION = 1
 
@@ -54,14 +56,28 @@ def get_tokenizer(documents: Sequence[Document], vocab_size: int = 4096,
     (default :func:`cache_dir`) as ``tokenizer-<key>.json`` with its sha256 (a damaged file is retrained)."""
     path = (cache or cache_dir()) / f"tokenizer-{tokenizer_key(documents, vocab_size)}.json"
 
-    def load(file: Path) -> Tokenizer:
-        try:
-            return Tokenizer.from_file(str(file))
-        except Exception as exc:  # tokenizers raises its own Exception type for a bad file
-            raise ValueError(str(exc)) from exc
-
-    return cached(path, load, lambda: train_tokenizer([doc.text for doc in documents], vocab_size),
+    return cached(path, _read, lambda: train_tokenizer([doc.text for doc in documents], vocab_size),
                   lambda tokenizer, tmp: tokenizer.save(str(tmp)))
+
+
+def _read(file: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises its own Exception type for a bad file
+        raise ValueError(str(exc)) from exc
+
+
+def load_tokenizer(path: str, vocab_size: int) -> Tokenizer:
+    """A Hugging Face ``tokenizers`` JSON file (``--tokenizer``); ``ValueError`` naming it when it
+    cannot be read or has more entries than the model's embedding (``vocab_size``) can take."""
+    try:
+        tokenizer = _read(Path(path))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--tokenizer {path}: not a tokenizers JSON file ({exc})") from None
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise ValueError(f"--tokenizer {path} has {tokenizer.get_vocab_size()} entries, more than the model's "
+                         f"embedding (--vocab-size {vocab_size}): pass --vocab-size {tokenizer.get_vocab_size()}")
+    return tokenizer
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:

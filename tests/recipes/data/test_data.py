@@ -1,6 +1,5 @@
-"""Offline corpora, split, cached tokenizer, token cache, packing and the resumable iterator."""
+"""Offline corpora, split, cached tokenizer, token shards, packing and the resumable iterator."""
 import importlib.util
-import random
 import re
 from pathlib import Path
 
@@ -10,9 +9,9 @@ import torch
 
 from slcompile.recipes.data import corpora, dataset, tokenizer as tokenizer_mod
 from slcompile.recipes.data import (EOS, BatchIterator, cache_dir, eval_batches, get_tokenizer, load_corpus,
-                            load_documents, load_text_data, pack, split_documents,
-                            tokenize_documents)
-from slcompile.recipes.data.corpora import Document, clean_wikitext, strip_gutenberg
+                                    load_documents, load_text_data, pack, tokenize_documents)
+from slcompile.recipes.data.corpora import Document, clean_wikitext, content_hash, strip_gutenberg
+from slcompile.recipes.data.dataset import is_validation
 from slcompile.recipes.files import sha256_file
 
 VOCAB = 384  # small: BPE training on the sample below takes well under a second
@@ -28,6 +27,11 @@ def sample_docs() -> list[Document]:
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SLCOMPILE_CACHE", str(tmp_path))
     return tmp_path
+
+
+def tokenize(docs: list[Document], tokenizer, split: str = "tokens", **kwargs) -> np.ndarray:
+    """``tokenize_documents`` over whole documents, keyed by their content."""
+    return tokenize_documents(([doc.text] for doc in docs), tokenizer, content_hash(docs), split=split, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -88,19 +92,12 @@ def test_clean_wikitext():
 
 
 # -------------------------------------------------------------------------------------- split
-def test_split_is_disjoint_deterministic_and_order_free():
-    docs = load_documents()
-    train, val = split_documents(docs)
-    train_ids, val_ids = {d.id for d in train}, {d.id for d in val}
-    assert not train_ids & val_ids and len(train_ids | val_ids) == len(docs)
-    assert 0.01 < len(val) / len(docs) < 0.04
-    shuffled = docs[:]
-    random.Random(0).shuffle(shuffled)
-    assert {d.id for d in split_documents(shuffled)[1]} == val_ids
-    # Membership depends on the id alone: a subset splits consistently with the whole.
-    assert {d.id for d in split_documents(docs[:500])[1]} == val_ids & {d.id for d in docs[:500]}
-    with pytest.raises(ValueError, match="val_fraction"):
-        split_documents(docs, 1.0)
+def test_split_by_id_hash_is_near_the_fraction_and_nested():
+    ids = [doc.id for doc in load_documents()]
+    val = {i for i in ids if is_validation(i, 0.02)}
+    assert 0.01 < len(val) / len(ids) < 0.04
+    # A larger fraction keeps every document the smaller one held (the hash is compared to it).
+    assert val < {i for i in ids if is_validation(i, 0.1)}
 
 
 # ---------------------------------------------------------------------------------- tokenizer
@@ -137,20 +134,24 @@ def test_tokenizer_cache_hit_and_invalidation(sample_docs, cache, monkeypatch):
 
 
 # --------------------------------------------------------------------- token cache and packing
-def test_tokenize_documents_cached_with_eos(sample_docs, sample_tokenizer, cache):
-    tokens = tokenize_documents(sample_docs, sample_tokenizer, split="train")
-    assert tokens.dtype == np.uint16 and tokens.ndim == 1
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tokenize_documents_cached_with_eos(sample_docs, sample_tokenizer, cache, workers):
+    tokens = tokenize(sample_docs, sample_tokenizer, split="train", workers=workers)
+    assert tokens.dtype == np.uint16 and tokens.ndim == 1 and isinstance(tokens, np.memmap)
     eos = sample_tokenizer.token_to_id(EOS)
     assert (tokens == eos).sum() == len(sample_docs) and tokens[-1] == eos
     first_doc = tokens[:np.flatnonzero(tokens == eos)[0]]
     assert sample_tokenizer.decode(first_doc.tolist()) == sample_docs[0].text
-    [path] = cache.glob("train-*.npy")
-    assert np.array_equal(np.load(path), tokens)
-    assert np.array_equal(tokenize_documents(sample_docs, sample_tokenizer, split="train"), tokens)
+    # What the tokenizer gives for each whole document, whatever the number of workers.
+    expected = [np.array(enc.ids + [eos]) for enc in sample_tokenizer.encode_batch([d.text for d in sample_docs])]
+    assert np.array_equal(tokens, np.concatenate(expected))
+    [path] = cache.glob("train-*.bin")
+    assert np.array_equal(np.fromfile(path, np.uint16), tokens)
+    assert np.array_equal(tokenize(sample_docs, sample_tokenizer, split="train"), tokens)
 
 
 def test_pack_shapes_and_vocab(sample_docs, sample_tokenizer, cache):
-    tokens = tokenize_documents(sample_docs, sample_tokenizer)
+    tokens = tokenize(sample_docs, sample_tokenizer)
     rows = pack(tokens, seq_len=32)
     assert rows.shape == (len(tokens) // 33, 33) and rows.dtype == tokens.dtype
     assert np.array_equal(rows.reshape(-1), tokens[:rows.size])
@@ -158,13 +159,13 @@ def test_pack_shapes_and_vocab(sample_docs, sample_tokenizer, cache):
 
 
 def test_load_text_data_end_to_end(sample_docs, cache, monkeypatch):
-    monkeypatch.setattr(dataset, "load_documents", lambda names: sample_docs)
+    monkeypatch.setattr(dataset, "load_corpus", lambda name: [d for d in sample_docs if d.source == name])
     data = load_text_data(vocab_size=VOCAB, seq_len=16, val_fraction=0.2)
     assert data.vocab_size == VOCAB
     assert data.train.shape[1] == data.val.shape[1] == 17 and len(data.val) > 0
     assert int(max(data.train.max(), data.val.max())) < VOCAB
     names = sorted(p.name.split("-")[0] + p.suffix for p in cache.iterdir())
-    assert names == ["tokenizer.json", "tokenizer.sha256", "train.npy", "train.sha256", "val.npy", "val.sha256"]
+    assert names == ["tokenizer.json", "tokenizer.sha256", "train.bin", "train.sha256", "val.bin", "val.sha256"]
 
 
 # ------------------------------------------------------------------------------ damaged caches
@@ -172,9 +173,9 @@ def test_damaged_token_caches_are_rebuilt(sample_docs, sample_tokenizer, cache, 
     """Bit flips, a file rewritten with one token, and the validation file replaced by the training
     one: each is detected by its digest and rebuilt, with a log line naming the file."""
     train_docs, val_docs = sample_docs[::2], sample_docs[1::2]
-    train = tokenize_documents(train_docs, sample_tokenizer, split="train")
-    val = tokenize_documents(val_docs, sample_tokenizer, split="val")
-    [train_path], [val_path] = cache.glob("train-*.npy"), cache.glob("val-*.npy")
+    train = np.array(tokenize(train_docs, sample_tokenizer, split="train"))
+    val = np.array(tokenize(val_docs, sample_tokenizer, split="val"))
+    [train_path], [val_path] = cache.glob("train-*.bin"), cache.glob("val-*.bin")
 
     def flip_bits(path):
         data = bytearray(path.read_bytes())
@@ -183,8 +184,7 @@ def test_damaged_token_caches_are_rebuilt(sample_docs, sample_tokenizer, cache, 
         path.write_bytes(bytes(data))
 
     def one_token(path):
-        with open(path, "wb") as f:
-            np.save(f, train[:1])
+        train[:1].tofile(path)
 
     def training_tokens(path):
         path.write_bytes(train_path.read_bytes())
@@ -192,8 +192,8 @@ def test_damaged_token_caches_are_rebuilt(sample_docs, sample_tokenizer, cache, 
     for damage, path in ((flip_bits, train_path), (one_token, train_path), (training_tokens, val_path)):
         damage(path)
         caplog.clear()
-        assert np.array_equal(tokenize_documents(train_docs, sample_tokenizer, split="train"), train)
-        assert np.array_equal(tokenize_documents(val_docs, sample_tokenizer, split="val"), val)
+        assert np.array_equal(tokenize(train_docs, sample_tokenizer, split="train"), train)
+        assert np.array_equal(tokenize(val_docs, sample_tokenizer, split="val"), val)
         assert caplog.text.count("rebuilding") == 1 and f"cache file {path}: its content does not match" in caplog.text
 
 
@@ -206,19 +206,18 @@ def test_a_truncated_tokenizer_cache_is_retrained(sample_docs, cache, caplog):
 
 
 def test_out_of_range_token_ids_name_the_file(sample_docs, sample_tokenizer, cache):
-    tokenize_documents(sample_docs, sample_tokenizer, split="train")
-    [path] = cache.glob("train-*.npy")
-    with open(path, "wb") as f:
-        np.save(f, np.array([1, VOCAB + 5], dtype=np.uint16))
+    tokenize(sample_docs, sample_tokenizer, split="train")
+    [path] = cache.glob("train-*.bin")
+    np.array([1, VOCAB + 5], dtype=np.uint16).tofile(path)
     path.with_name(path.name + ".sha256").write_text(sha256_file(path))  # a consistent but wrong cache
-    with pytest.raises(ValueError, match=f"token cache {path} holds ids outside the tokenizer's {VOCAB} entries"):
-        tokenize_documents(sample_docs, sample_tokenizer, split="train")
+    with pytest.raises(ValueError, match=f"token cache {path} holds ids outside the vocabulary's {VOCAB} entries"):
+        tokenize(sample_docs, sample_tokenizer, split="train")
 
 
 def test_an_unwritable_cache_names_the_file(sample_docs, sample_tokenizer, tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="cache file .*a_file/train-.*could not be written"):
-        tokenize_documents(sample_docs, sample_tokenizer, cache=tmp_path / "a_file", split="train")
+        tokenize(sample_docs, sample_tokenizer, cache=tmp_path / "a_file", split="train")
 
 
 # ----------------------------------------------------------------------------------- iterator
@@ -251,6 +250,27 @@ def test_iterator_resumes_exactly():
         assert torch.equal(x, rx) and torch.equal(y, ry)
     with pytest.raises(ValueError, match="does not match"):
         BatchIterator(ROWS[:8], batch_size=4, seed=3).load_state_dict(state)
+
+
+def test_each_rank_reads_only_its_slice_of_the_global_batch():
+    class Recording(np.ndarray):
+        """Rows that remember which row indices were read."""
+        read: list = []
+
+        def __getitem__(self, index):
+            Recording.read.append(np.asarray(index).copy())
+            return np.asarray(self)[index]
+
+    whole = BatchIterator(ROWS, batch_size=4, seed=5)
+    ranks = [BatchIterator(ROWS.view(Recording), batch_size=4, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(5):
+        inputs, _ = next(whole)
+        Recording.read.clear()
+        halves = [next(it)[0] for it in ranks]
+        assert torch.equal(torch.cat(halves), inputs)
+        assert [len(index) for index in Recording.read] == [2, 2]  # two rows per rank, not four
+    state = ranks[1].state_dict()
+    assert state == whole.state_dict()  # the position is global: it resumes on any world size
 
 
 def test_eval_batches_cover_rows_in_order():
