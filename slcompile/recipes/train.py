@@ -119,6 +119,13 @@ class TrainConfig:
     checkpoint_activations: bool = False  # recompute each decoder layer in backward
     skip_nonfinite: bool = False  # skip (and count) steps whose loss or gradients are not finite
     dist_timeout: float = DEFAULT_TIMEOUT_S  # seconds a rank waits for the others before failing
+    # Closing the quality gap (slcompile.optim.refactor): restarts every N updates, LR multipliers.
+    refactor_every: Optional[int] = None  # re-balance A, B from B @ A (W unchanged), reset their moments
+    momentum_reset_every: Optional[int] = None  # clear the AdamW states of A, B
+    reset_values: bool = False  # the restarts also clear the states of the sparse values
+    recovery_steps: int = 0  # after each restart, ramp the LR up from 0.001x over this many updates
+    lr_factors_mult: float = 1.0  # A, B train at lr * this
+    lr_values_mult: float = 1.0  # the sparse values train at lr * this
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -166,6 +173,37 @@ class TrainConfig:
             raise ValueError("--per-layer, --state-bits and --int8-weights are not supported with --parallel yet")
         if self.skip_nonfinite and self.per_layer:
             raise ValueError("--skip-nonfinite cannot skip a --per-layer step: it updates the weights during backward")
+        self._check_techniques()
+
+    def _check_techniques(self) -> None:
+        """Validate the refactorization / momentum-reset / LR-multiplier flags."""
+        for name in ("refactor_every", "momentum_reset_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if isinstance(self.recovery_steps, bool) or not isinstance(self.recovery_steps, int) or self.recovery_steps < 0:
+            raise ValueError(f"--recovery-steps must be an integer >= 0, got {self.recovery_steps!r}")
+        for name in ("lr_factors_mult", "lr_values_mult"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
+        used = {"--refactor-every": self.refactor_every is not None,
+                "--momentum-reset-every": self.momentum_reset_every is not None,
+                "--lr-factors-mult": self.lr_factors_mult != 1.0}
+        if self.method == "full" and any(used.values()):
+            raise ValueError(f"--method full has no factors A, B: drop {', '.join(k for k, v in used.items() if v)}")
+        if self.method != "sltrain" and (self.reset_values or self.lr_values_mult != 1.0):
+            raise ValueError(f"--method {self.method} has no sparse values: drop --reset-values / --lr-values-mult")
+        if not self.restart_every and (self.reset_values or self.recovery_steps):
+            raise ValueError("--reset-values and --recovery-steps act at restarts: add --refactor-every or "
+                             "--momentum-reset-every")
+        if self.refactor_every is not None and self.parallel == "fsdp2":
+            raise ValueError("--refactor-every needs each layer's whole B @ A: use --parallel ddp, not fsdp2")
+
+    @property
+    def restart_every(self) -> tuple[int, ...]:
+        """The intervals (in updates) of the restarts: refactorizations and momentum resets."""
+        return tuple(n for n in (self.refactor_every, self.momentum_reset_every) if n is not None)
 
     @property
     def uses_memory_stack(self) -> bool:
@@ -303,7 +341,7 @@ def _config_dict(cfg: TrainConfig) -> dict:
 
 def check_resumable(meta: dict, cfg: TrainConfig, where: Path) -> None:
     """Refuse a checkpoint written by a run with other (resolved) settings."""
-    saved = meta["config"]
+    saved = {**_config_dict(TrainConfig()), **meta["config"]}  # a setting added since the save: its default
     current = {k: v for k, v in _config_dict(cfg).items() if k not in RESUMABLE_FIELDS}
     mismatched = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     if mismatched:
@@ -483,7 +521,8 @@ def setup(cfg: TrainConfig, ctx: DistContext, stack: contextlib.ExitStack) -> Ru
         paths = pin_paths(model, micro_tokens, DTYPES[cfg.dtype], ctx, meta["paths"] if meta else None)
         model = distributed.wrap(model, ctx)
         optimizer = build_optimizer(model, cfg)
-        scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.restart_every,
+                                    cfg.recovery_steps)
         batches = BatchIterator(data.train, cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
         run = Run(cfg, ctx, out, model, optimizer, scheduler, batches, val_rows, checkpointer, info, paths,
                   data.vocab_size)
@@ -560,6 +599,27 @@ def train_step(run: Run) -> tuple[float, Optional[float], float]:
     return loss, grad_norm, lr
 
 
+def restart(run: Run) -> None:
+    """After update ``run.step``: refactorize (``--refactor-every``) and/or clear the optimizer
+    states of the factors (and values, ``--reset-values``) when a restart falls on this step.
+
+    Runs before the checkpoint of the same step, so a resumed run has the post-restart weights
+    and states and meets the next restart at the same step; the LR schedule restarts by itself.
+    """
+    cfg, done = run.cfg, run.step
+    due = {name: every is not None and done % every == 0 and done < cfg.steps
+           for name, every in (("refactor", cfg.refactor_every), ("momentum_reset", cfg.momentum_reset_every))}
+    if not any(due.values()):
+        return
+    from slcompile.optim import factor_params, refactorize_, reset_moments_
+    record = {"step": done, "restart": [name for name, hit in due.items() if hit]}
+    if due["refactor"]:
+        record["refactor_max_dw"] = max(refactorize_(run.model).values(), default=0.0)
+    factors, values = factor_params(run.model)
+    record["reset_states"] = reset_moments_(run.optimizer, factors + values if cfg.reset_values else factors)
+    run.write(record)
+
+
 def _saved(run: Run) -> str:
     return f"step {run.saved_step}" if run.saved_step is not None else "none yet"
 
@@ -604,6 +664,7 @@ def _loop(run: Run, stop: list[str]) -> dict:
         while run.step < cfg.steps:
             began = time.perf_counter()
             loss, grad_norm, lr = train_step(run)
+            restart(run)
             train_time += time.perf_counter() - began
             done = run.step
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -656,11 +717,13 @@ def _finish(run: Run, val_loss: float, train_time: float, start: int) -> dict:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Plain ``torch.optim.AdamW``, or ``slcompile.optim`` when the memory stack is asked for."""
-    if not cfg.uses_memory_stack:
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                 weight_decay=cfg.weight_decay)
     from slcompile import optim
-    return optim.build(model, lr=cfg.lr, weight_decay=cfg.weight_decay, per_layer=cfg.per_layer,
+    if not cfg.uses_memory_stack:
+        return torch.optim.AdamW(optim.param_groups(model, cfg.lr, lr_factors=cfg.lr_factors_mult,
+                                                    lr_values=cfg.lr_values_mult), lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay)
+    return optim.build(model, lr=cfg.lr, lr_factors=cfg.lr_factors_mult, lr_values=cfg.lr_values_mult,
+                       weight_decay=cfg.weight_decay, per_layer=cfg.per_layer,
                        state_bits=cfg.state_bits, accumulation_steps=cfg.grad_accum if cfg.per_layer else 1,
                        max_grad_norm=cfg.clip if cfg.per_layer else None, int8_weights=cfg.int8_weights)
 
@@ -697,7 +760,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             kind = {"int": int, "float": float}.get(type(default).__name__, str)
             if default is None:
                 kind = {"seq_len": int, "warmup": int, "rank": int, "threads": int,
-                        "alpha": float, "density": float, "clip": float}.get(f.name, str)
+                        "alpha": float, "density": float, "clip": float, "refactor_every": int,
+                        "momentum_reset_every": int}.get(f.name, str)
             parser.add_argument(flag, type=kind, default=default)
     args = vars(parser.parse_args(argv))
     corpora = args["corpora"] if args["corpora"] is not None else "" if args["data"] else ",".join(defaults.corpora)

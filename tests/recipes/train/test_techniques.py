@@ -1,0 +1,126 @@
+"""Refactorization, momentum reset, quick recovery and LR multipliers as flags of the training CLI."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from slcompile.recipes.checkpoint import Checkpointer
+from slcompile.recipes.files import sha256_file
+from slcompile.recipes.schedule import warmup_cosine
+from slcompile.recipes.train import TrainConfig, build_model, build_optimizer, main, train
+
+TINY = {"model": "llama-tiny", "corpora": ("wiki",), "vocab_size": 512, "batch_size": 4, "seq_len": 32,
+        "progress": False, "log_every": 1, "eval_every": 100}
+TECHNIQUES = {"refactor_every": 4, "momentum_reset_every": 6, "reset_values": True, "recovery_steps": 2,
+              "lr_factors_mult": 2.0, "lr_values_mult": 0.5}
+
+
+@pytest.fixture(autouse=True)
+def shared_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SLCOMPILE_CACHE", str(tmp_path_factory.getbasetemp() / "slcompile-cache"))
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("per_layer, every, crash", [(False, 5, 10), (True, 4, 8)])
+def test_a_resumed_run_restarts_at_the_same_steps_with_the_same_losses(tmp_path, monkeypatch, per_layer, every,
+                                                                        crash):
+    """Restarts at 4, 6, 8, 12, 16, 18; checkpoints every 5 (between restarts) or every 4 (on
+    refactorizations). A crash right after the checkpoint of step ``crash`` resumes to the
+    uninterrupted run's records, restarts and final weights."""
+    class Crash(Exception):
+        pass
+
+    cfg = dict(TINY, steps=20, lr=1e-2, warmup=2, checkpoint_every=every, per_layer=per_layer, **TECHNIQUES)
+    layers = len(train(TrainConfig(**cfg, out=str(tmp_path / "full")))["paths"])  # one SLLinear each
+    save = Checkpointer.save
+
+    def save_then_crash(self, model, optimizer, meta):
+        save(self, model, optimizer, meta)
+        if meta["step"] == crash:
+            raise Crash
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpointer, "save", save_then_crash)
+        with pytest.raises(Crash):
+            train(TrainConfig(**cfg, out=str(tmp_path / "resumed")))
+    train(TrainConfig(**cfg, out=str(tmp_path / "resumed")))
+
+    full, resumed = _records(tmp_path / "full"), _records(tmp_path / "resumed")
+    restarts = [r for r in full if "restart" in r]
+    assert [(r["step"], r["restart"]) for r in restarts] == [
+        (4, ["refactor"]), (6, ["momentum_reset"]), (8, ["refactor"]), (12, ["refactor", "momentum_reset"]),
+        (16, ["refactor"]), (18, ["momentum_reset"])]
+    assert all(r["refactor_max_dw"] < 1e-4 for r in restarts if "refactor" in r["restart"])
+    assert all(r["reset_states"] == 3 * layers for r in restarts)  # A, B and (--reset-values) values
+    for a, b in zip(full, resumed):
+        assert a.keys() == b.keys() and a["step"] == b["step"]
+        for key in a.keys() - {"tokens_per_s"}:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7) if isinstance(a[key], float) else a[key] == b[key]
+    assert len(full) == len(resumed)
+    weights = [torch.load(tmp_path / run / "checkpoint" / "state.pt", weights_only=True)["model"] for run in ("full", "resumed")]
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    lrs = {r["step"]: r["lr"] for r in full if "lr" in r}  # "lr" logged at step s is update s's (index s - 1)
+    assert lrs[13] == pytest.approx(1e-2 * 0.001 * warmup_cosine(14, 2, 20))
+    assert lrs[15] == pytest.approx(1e-2 * warmup_cosine(14, 2, 20))
+
+
+def test_lowrank_refactorizes_and_trains(tmp_path):
+    summary = train(TrainConfig(**TINY, method="lowrank", steps=12, lr=1e-2, warmup=2, refactor_every=5,
+                                recovery_steps=2, lr_factors_mult=0.5, out=str(tmp_path)))
+    assert math.isfinite(summary["val_loss"])
+    assert [r["step"] for r in _records(tmp_path) if "restart" in r] == [5, 10]
+
+
+def test_build_optimizer_gives_values_and_factors_their_lr():
+    cfg = TrainConfig(**TINY, lr=1e-2, lr_factors_mult=2.0, lr_values_mult=0.0)
+    for per_layer in (False, True):
+        model = build_model(cfg, 512)[0]
+        optimizer = build_optimizer(model, TrainConfig(**TINY, lr=1e-2, lr_factors_mult=2.0, lr_values_mult=0.0,
+                                                       per_layer=per_layer))
+        groups = {group["lr"]: {id(p) for p in group["params"]} for group in optimizer.param_groups}
+        named = dict(model.named_parameters())
+        assert groups[0.0] == {id(p) for n, p in named.items() if n.endswith(".values")}
+        assert groups[2e-2] == {id(p) for n, p in named.items() if n.endswith((".A", ".B"))}
+        assert len(groups[1e-2]) == len(named) - len(groups[0.0]) - len(groups[2e-2]) > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--refactor-every", "0"], "--refactor-every must be an integer >= 1, got 0"),
+    (["--momentum-reset-every", "-2"], "--momentum-reset-every must be an integer >= 1"),
+    (["--recovery-steps", "-1", "--refactor-every", "5"], "--recovery-steps must be an integer >= 0"),
+    (["--lr-values-mult", "-0.5"], "--lr-values-mult must be a finite number >= 0"),
+    (["--lr-factors-mult", "inf"], "--lr-factors-mult must be a finite number >= 0"),
+    (["--method", "full", "--refactor-every", "5"], "--method full has no factors A, B: drop --refactor-every"),
+    (["--method", "lowrank", "--lr-values-mult", "2"], "--method lowrank has no sparse values"),
+    (["--recovery-steps", "10"], "act at restarts: add --refactor-every or --momentum-reset-every"),
+    (["--reset-values"], "act at restarts"),
+    (["--refactor-every", "5", "--parallel", "fsdp2"], "--refactor-every needs each layer's whole B @ A"),
+])
+def test_bad_technique_flags_exit_2_before_any_write(tmp_path, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "run"), "--steps", "20", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_from_before_these_flags_still_resumes(tmp_path):
+    """A checkpoint whose config lacks the new settings reads them as their defaults."""
+    cfg = TrainConfig(**TINY, steps=2, out=str(tmp_path))
+    train(cfg)
+    meta_path = tmp_path / "checkpoint" / "meta.pt"
+    meta = torch.load(meta_path, weights_only=True)
+    for name in TECHNIQUES:
+        del meta["config"][name]
+    torch.save(meta, meta_path)
+    manifest_path = tmp_path / "checkpoint" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["sha256"]["meta.pt"] = sha256_file(meta_path)
+    manifest_path.write_text(json.dumps(manifest))
+    train(TrainConfig(**TINY, steps=2, out=str(tmp_path)))
