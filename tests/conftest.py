@@ -48,7 +48,7 @@ def replayed_peak():
 
 
 def pytest_collection_modifyitems(config, items):
-    if not os.environ.get("SLCOMPILE_SLOW"):
+    if os.environ.get("SLCOMPILE_SLOW") != "1":
         skip = pytest.mark.skip(reason="slow test: set SLCOMPILE_SLOW=1 to run")
         for item in items:
             if "slow" in item.keywords:

@@ -2,7 +2,6 @@
 a check of parameter / support / gradient / AdamW-state / activation bytes against the project's
 LLaMA (slcompile.recipes.models.llama) and SLLinear."""
 import itertools
-import os
 
 import pytest
 import sympy
@@ -408,13 +407,8 @@ def test_single_tensor_adamw_step_holds_two_copies(dtype, state_bits, replayed_p
     assert 2 * nbytes <= replayed_peak(prof) < 2 * nbytes + 4096
 
 
-_SLOW = pytest.mark.skipif(os.environ.get("SLCOMPILE_SLOW") != "1",
-                           reason="compiles torchao's step once per case: 10-30 s each on CPU; SLCOMPILE_SLOW=1")
-
-
 @pytest.mark.compile
-@pytest.mark.slow
-@_SLOW
+@pytest.mark.slow  # compiles torchao's step once per case
 @pytest.mark.parametrize("state_bits,dtype,shape,int8", [
     (8, torch.float32, (1024, 512), False),
     (4, torch.bfloat16, (1024, 512), False),

@@ -105,8 +105,7 @@ def test_resume_8bit_equals_uninterrupted():
 
 
 @pytest.mark.compile
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("SLCOMPILE_SLOW") != "1", reason="compiles torchao's step: 10-30 s on CPU; SLCOMPILE_SLOW=1")
+@pytest.mark.slow  # compiles torchao's step
 def test_compiled_step_inside_backward_hook():
     """torchao's default path: its step torch.compile-d, here called from the gradient hook."""
     torch.manual_seed(0)
