@@ -27,7 +27,8 @@ def build(model: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]], optimi
           weight_decay: float = 0.0, per_layer: bool = True, state_bits: int = 32,
           accumulation_steps: int = 1, max_grad_norm: float | None = None, clip: str = "global",
           int8_weights: bool | Callable[[str, Tensor], bool] = False,
-          compile_step: bool = True, lr_factors: float = 1.0, lr_values: float = 1.0) -> PerLayerOptimizer:
+          compile_step: bool = True, lr_factors: float = 1.0, lr_values: float = 1.0, data_parallel: Any = None,
+          dense_state_dict: bool = False) -> PerLayerOptimizer:
     """The optimizer for ``model`` (its trainable parameters) or for explicit params/param groups.
 
     ``optimizer``: only ``"adamw"`` (decoupled weight decay; the paper uses ``weight_decay=0``).
@@ -53,4 +54,5 @@ def build(model: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]], optimi
         params = model
     return PerLayerOptimizer(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                              state_bits=state_bits, per_layer=per_layer, accumulation_steps=accumulation_steps,
-                             max_grad_norm=max_grad_norm, clip=clip, compile_step=compile_step)
+                             max_grad_norm=max_grad_norm, clip=clip, compile_step=compile_step,
+                             data_parallel=data_parallel, dense_state_dict=dense_state_dict)

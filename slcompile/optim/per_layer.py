@@ -38,18 +38,40 @@ Contract:
 - Parameters stored as :class:`~slcompile.optim.int8_weights.Int8Weight` are dequantized into a
   transient full-precision tensor for their update and written back with stochastic rounding.
 
-Not supported with ``per_layer=True`` (use ``per_layer=False``): DDP (its bucketed all-reduce
-finishes after the hooks fire), fp16 ``GradScaler`` (it unscales and skips steps after backward),
-compiled autograd. Every backward pass that reaches the parameters counts as a micro-batch.
+Data parallelism:
+
+- FSDP2 (``DTensor`` parameters): FSDP2's reduce-scatter assigns each sharded parameter's
+  averaged gradient shard and then runs that parameter's post-accumulate-grad hooks
+  (``torch.distributed.fsdp._fully_shard._fsdp_collectives.foreach_reduce``), so the update runs
+  on the local shard right after its reduce-scatter. Accumulation needs a reduce-scatter in every
+  backward pass (``set_requires_gradient_sync(True)``): FSDP2 then sums the shards in ``.grad``
+  and the hooks count the passes. The global norm sums the shards' squared norms over the mesh.
+- DDP: its bucketed all-reduce finishes after the hooks fire, so do not wrap the model in
+  ``DistributedDataParallel``; pass ``data_parallel=group`` instead: in the ``k``-th backward
+  pass each gradient is averaged over ``group`` (one all-reduce per parameter, in the hook order,
+  which is the same on every rank) before it is measured or applied. No local gradient is ever
+  applied.
+- ``dense_state_dict`` (forced for ``DTensor`` parameters): states leave ``state_dict()`` as
+  tensors of their parameter's shape and dtype (``DTensor`` shards for a sharded parameter;
+  quantized states dequantized, padding cut; zeros for a parameter never stepped) and are
+  requantized by ``load_state_dict``, so ``torch.distributed.checkpoint`` reshards them to any
+  world size.
+
+Not supported with ``per_layer=True`` (use ``per_layer=False``): fp16 ``GradScaler`` (it unscales
+and skips steps after backward), compiled autograd, ``Int8Weight`` shards. Every backward pass that
+reaches the parameters counts as a micro-batch.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.autograd import Variable
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from slcompile._validate import check_bool, check_int, check_number
@@ -59,6 +81,12 @@ from slcompile.optim.int8_weights import Int8Weight
 __all__ = ["PerLayerOptimizer"]
 
 CLIP_MODES = ("global", "per_param")
+STATE_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's tensors besides ``step`` (torch and torchao alike)
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """The local shard of a ``DTensor``, else the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class _Slot:
@@ -67,15 +95,21 @@ class _Slot:
     ``key`` is the tensor the inner optimizer steps: the parameter itself, or a stand-in that
     holds a full-precision copy (and the gradient) only during the update and is empty
     otherwise. A stand-in is used for an ``Int8Weight`` (dequantized copy, written back with
-    stochastic rounding) and for a tensor whose quantized states need padding to a whole number
-    of blocks (flat zero-padded copy, see :func:`lowbit.state_numel`).
+    stochastic rounding), for a tensor whose quantized states need padding to a whole number
+    of blocks (flat zero-padded copy, see :func:`lowbit.state_numel`) and for a ``DTensor``
+    (its local shard, so the states are plain tensors of the shard, padded per shard).
     """
 
     def __init__(self, param: Tensor, group: dict[str, Any], state_bits: int) -> None:
-        self.param, self.group = param, group
+        self.param, self.group, self.state_bits = param, group, state_bits
         self.quantized = isinstance(param, Int8Weight)
-        self.padding = lowbit.state_numel(param.numel(), state_bits) - param.numel()
-        self.stand_in = self.quantized or self.padding > 0
+        self.sharded = isinstance(param, DTensor)
+        if self.sharded and isinstance(param.to_local(), Int8Weight):
+            raise ValueError("PerLayerOptimizer: Int8Weight shards (FSDP2) are not supported")
+        self.local_shape = _local(param).shape
+        numel = math.prod(self.local_shape)
+        self.padding = lowbit.state_numel(numel, state_bits) - numel
+        self.stand_in = self.quantized or self.sharded or self.padding > 0
         self.key = self._empty() if self.stand_in else param
         self.inner = lowbit.make_adamw([self.key], state_bits, **{k: group[k] for k in lowbit.HYPERPARAMS})
 
@@ -96,20 +130,63 @@ class _Slot:
             with context():
                 self.inner.step()
             return
-        value = self.param.dequantize() if self.quantized else self.param.detach()
-        self.key.data = self._padded(value)
-        self.key.grad = self._padded(self.param.grad)
+        self.key.data = self._padded(self._value())
+        self.key.grad = self._padded(_local(self.param.grad))
         try:
             with context():
                 self.inner.step()
-            new = self.key.data[:self.param.numel()].view(self.param.shape) if self.padding else self.key.data
+            new = self.key.data.reshape(-1)[:self.key.numel() - self.padding].view(self.local_shape)
             if self.quantized:
                 self.param.requantize_(new, stochastic=True)
             else:
-                self.param.copy_(new)
+                _local(self.param).copy_(new)
         finally:
             self.key.grad = None
             self.key.data = self._empty()
+
+    def _value(self) -> Tensor:
+        """The full-precision local value, ``local_shape``."""
+        return self.param.dequantize() if self.quantized else _local(self.param).detach()
+
+    def dense_state(self) -> dict[str, Tensor]:
+        """The AdamW state as ``step`` plus tensors of the parameter's shape and dtype (``DTensor``
+        shards for a sharded parameter): quantized states dequantized, padding cut, zeros if the
+        parameter never stepped."""
+        state = self.inner.state[self.key]
+        dense = {"step": state.get("step", torch.tensor(0.0))}
+        for name in STATE_KEYS:
+            value = state.get(name)
+            if value is None:
+                local = torch.zeros(self.local_shape, dtype=self.param.dtype, device=self.param.device)
+            elif not self.stand_in:
+                dense[name] = value
+                continue
+            else:
+                plain = value.dequantize() if type(value) is not Tensor else value
+                local = plain.reshape(-1)[:plain.numel() - self.padding].view(self.local_shape).to(self.param.dtype)
+            dense[name] = (DTensor.from_local(local, self.param.device_mesh, self.param.placements, run_check=False,
+                                              shape=self.param.shape, stride=self.param.stride())
+                           if self.sharded else local)
+        return dense
+
+    def load_dense_state(self, dense: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The inner optimizer's state from :meth:`dense_state`'s layout (requantized on this
+        slot's blocks: a checkpoint of another world size may have cut the blocks elsewhere)."""
+        if not self.stand_in:
+            return dense
+        state = {"step": dense["step"]}
+        self.key.data = self._padded(self._value())  # _new_buffer reads the key's length and device
+        try:
+            for name in STATE_KEYS:
+                value = self._padded(_local(dense[name]).to(self.key.dtype))
+                if self.state_bits == 32:
+                    state[name] = value.clone()
+                else:
+                    state[name] = self.inner._new_buffer(self.key, signed=name == "exp_avg")
+                    state[name].copy_(value)
+        finally:
+            self.key.data = self._empty()
+        return state
 
 
 class PerLayerOptimizer(Optimizer):
@@ -125,16 +202,22 @@ class PerLayerOptimizer(Optimizer):
         max_grad_norm: clip gradients to this norm (``None``: no clipping).
         clip: ``"global"`` (one norm over all gradients, as ``clip_grad_norm_``) or ``"per_param"``.
         compile_step: let torchao compile its step (8/4-bit only; ``False`` runs it eagerly).
+        data_parallel: average each gradient over this process group before using it (DDP-style
+            data parallelism on an unwrapped model; see the module docstring).
+        dense_state_dict: states in ``state_dict()`` as tensors of their parameter's shape (what
+            ``torch.distributed.checkpoint`` reshards); forced for ``DTensor`` parameters.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], *, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  state_bits: int = 32, per_layer: bool = True, accumulation_steps: int = 1,
-                 max_grad_norm: float | None = None, clip: str = "global", compile_step: bool = True) -> None:
+                 max_grad_norm: float | None = None, clip: str = "global", compile_step: bool = True,
+                 data_parallel: dist.ProcessGroup | None = None, dense_state_dict: bool = False) -> None:
         if state_bits not in lowbit.STATE_BITS or isinstance(state_bits, bool):
             raise ValueError(f"state_bits must be one of {lowbit.STATE_BITS}, got {state_bits!r}")
         check_bool("per_layer", per_layer)
         check_bool("compile_step", compile_step)
+        check_bool("dense_state_dict", dense_state_dict)
         check_int("accumulation_steps", accumulation_steps, 1)
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, 0.0, open_low=True)
@@ -142,6 +225,8 @@ class PerLayerOptimizer(Optimizer):
             raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
         self.state_bits, self.per_layer, self.compile_step = state_bits, per_layer, compile_step
         self.accumulation_steps, self.max_grad_norm, self.clip = accumulation_steps, max_grad_norm, clip
+        self.data_parallel, self.dense_state_dict = data_parallel, dense_state_dict
+        self._norm_group: dist.ProcessGroup | None = None  # where shards' squared norms are summed
         self._slots: dict[Tensor, _Slot] = {}
         self._hooks: list[Any] = []
         self._micro_batches = 0          # backward passes completed in the current accumulation cycle
@@ -174,6 +259,9 @@ class PerLayerOptimizer(Optimizer):
             if not param.is_floating_point():
                 raise ValueError(f"PerLayerOptimizer: parameters must be floating point, got {param.dtype}")
             slot = _Slot(param, group, self.state_bits)
+            if slot.sharded:
+                self.dense_state_dict = True
+                self._norm_group = param.device_mesh.get_group()
             self._slots[param] = slot
             self.state[param] = slot.inner.state[slot.key]  # one dict, seen by both
             self._hooks.append(param.register_post_accumulate_grad_hook(self._on_grad))
@@ -223,27 +311,41 @@ class PerLayerOptimizer(Optimizer):
             for slot in self._slots.values():  # idle in this pass but holding earlier gradients
                 if slot.param.grad is not None:
                     self._finish(slot)
-            self._total_norm = torch.nn.utils.get_total_norm(self._norms) if self._norms else None
+            self._total_norm = self._global_norm()
             self._norms = []
         else:
             self._ready = True
 
+    def _global_norm(self) -> Tensor | None:
+        """The norm of all gradients of this update from the measured ones (local shards' norms
+        under FSDP2: their squares are summed over the mesh)."""
+        if self._norm_group is None:
+            return torch.nn.utils.get_total_norm(self._norms) if self._norms else None
+        local = torch.stack(self._norms).square().sum() if self._norms else torch.zeros(())
+        dist.all_reduce(local, group=self._norm_group)  # every rank measures (possibly empty) shards
+        return local.sqrt()
+
     def _finish(self, slot: _Slot) -> None:
-        """The gradient of ``slot`` is final for this update: measure it, or clip and apply it."""
+        """The gradient of ``slot`` is final for this update: average it over ``data_parallel``,
+        then measure it, or clip and apply it."""
         param = slot.param
         grad = param.grad
         if grad is None:
             return
         if grad.is_sparse:
             raise RuntimeError("PerLayerOptimizer does not support sparse gradients")
+        if self.data_parallel is not None:
+            dist.all_reduce(grad, group=self.data_parallel)  # gloo has no AVG: sum, then divide
+            grad.div_(dist.get_world_size(self.data_parallel))
         if self._measuring:
-            self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
+            self._norms.append(torch.linalg.vector_norm(_local(grad), dtype=torch.float32))
             param.grad = None
             return
         if self.max_grad_norm is not None and self.clip == "per_param":
             torch.nn.utils.clip_grad_norm_([param], self.max_grad_norm, foreach=False)
         elif self._two_pass and self._total_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_([param], self.max_grad_norm, self._total_norm, foreach=False)
+            # clip_grads_with_norm_'s arithmetic, on the local tensor (a DTensor gradient and a plain norm do not mix)
+            _local(grad).mul_((self.max_grad_norm / (self._total_norm + 1e-6)).clamp(max=1.0))
         slot.update(self._step_context)
         if self.per_layer:
             param.grad = None
@@ -318,9 +420,14 @@ class PerLayerOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """Standard layout: ``{"state": {index: {...}}, "param_groups": [...]}``; parameters that
-        never stepped have no entry (as in ``torch.optim``)."""
+        never stepped have no entry (as in ``torch.optim``), except with ``dense_state_dict``
+        (every parameter, dense states; see :meth:`_Slot.dense_state`)."""
         packed = super().state_dict()
-        packed["state"] = {index: state for index, state in packed["state"].items() if state}
+        if self.dense_state_dict:
+            params = [p for group in self.param_groups for p in group["params"]]
+            packed["state"] = {index: self._slots[param].dense_state() for index, param in enumerate(params)}
+        else:
+            packed["state"] = {index: state for index, state in packed["state"].items() if state}
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -329,4 +436,6 @@ class PerLayerOptimizer(Optimizer):
             for param in group["params"]:
                 slot = self._slots[param]
                 slot.group = group
+                if self.dense_state_dict and self.state[param]:
+                    self.state[param] = slot.load_dense_state(self.state[param])
                 slot.inner.state[slot.key] = self.state[param]

@@ -19,11 +19,21 @@ rank: gloo on CPU, NCCL (one GPU per rank, ``cuda:LOCAL_RANK``) when CUDA is ava
 - Export: :func:`export_safetensors` gathers the full state on rank 0 and writes one
   ``safetensors`` file of the merged dense model.
 
-Not supported: ``slcompile.optim``'s per-layer optimizer (steps in post-accumulate-grad hooks)
-with DDP/FSDP2. Under DDP the hooks fire on each rank's local gradient, before the bucketed
-all-reduce has averaged it; under FSDP2 autograd accumulates into the unsharded parameters and
-FSDP2 writes the reduced shard straight into ``.grad``, so hooks on the sharded parameters never
-run. ``train.py`` must refuse the combination once it offers the per-layer optimizer.
+With ``slcompile.optim``'s per-layer optimizer (``--per-layer``: AdamW in each parameter's
+post-accumulate-grad hook), no update ever uses a local gradient:
+
+- FSDP2: after each reduce-scatter, FSDP2 assigns the sharded parameter's averaged gradient shard
+  and then runs that parameter's post-accumulate-grad hooks (``foreach_reduce`` in
+  ``torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py``): the shard is updated there and
+  its gradient freed. With ``--grad-accum`` every micro-batch reduce-scatters (see
+  :func:`gradient_sync`), so only sharded gradients are kept between micro-batches.
+- DDP: its bucketed all-reduce would finish after the hooks fire, so :func:`wrap` leaves the
+  model unwrapped (parameters broadcast from rank 0 instead) and the optimizer averages each
+  gradient over the ranks in its hook before using it (``data_parallel``).
+
+Optimizer states (quantized ones too) are checkpointed as dense tensors of their parameter's
+shape (``DTensor`` shards under FSDP2), so DCP reshards them to any world size.
+Not supported: ``--int8-weights`` under ``--parallel`` (refused by ``train.py``).
 """
 from __future__ import annotations
 
@@ -231,13 +241,20 @@ def verify_supports(model: nn.Module, ctx: DistContext) -> None:
                              "model with the same --seed, SLConfig and module names")
 
 
-def wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
+def wrap(model: nn.Module, ctx: DistContext, per_layer: bool = False) -> nn.Module:
     """``model`` (already on ``ctx.device``) under DDP or FSDP2; unchanged for ``"none"``.
 
     FSDP2 (``fully_shard``) shards each child of the model's ``nn.ModuleList`` blocks (the decoder
     layers), then the root (embeddings, final norm, head). Build the optimizer after this: FSDP2
-    replaces the parameters by ``DTensor`` shards.
+    replaces the parameters by ``DTensor`` shards. DDP with ``per_layer``: the model stays
+    unwrapped, its parameters broadcast from rank 0 (as DDP would); the per-layer optimizer
+    averages the gradients.
     """
+    if ctx.parallel == "ddp" and per_layer:
+        with torch.no_grad():
+            for param in model.parameters():
+                dist.broadcast(param, src=0)
+        return model
     if ctx.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         # Buffers stay per-rank: the supports are identical (verify_supports), RoPE tables are derived.
@@ -267,7 +284,8 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Skip the gradient all-reduce/reduce-scatter inside the body unless ``enabled`` (gradient
-    accumulation: only the last micro-batch of a step communicates)."""
+    accumulation: only the last micro-batch of a step communicates; with the per-layer optimizer
+    under FSDP2 pass ``True`` for every micro-batch: its hooks run after each reduce-scatter)."""
     from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
     if isinstance(model, DistributedDataParallel) and not enabled:

@@ -116,6 +116,7 @@ class TrainConfig:
     per_layer: bool = False  # AdamW fused into backward (slcompile.optim), gradients freed per parameter
     state_bits: int = 32  # 32, or 8 / 4 for torchao quantized AdamW states
     int8_weights: bool = False  # SLTrain A, B, values stored as int8 (stochastic rounding)
+    compile_step: bool = True  # torch.compile torchao's 8/4-bit step (--no-compile-step: eager, same math)
     checkpoint_activations: bool = False  # recompute each decoder layer in backward
     skip_nonfinite: bool = False  # skip (and count) steps whose loss or gradients are not finite
     dist_timeout: float = DEFAULT_TIMEOUT_S  # seconds a rank waits for the others before failing
@@ -168,9 +169,10 @@ class TrainConfig:
             raise ValueError(f"--state-bits must be one of {', '.join(map(str, STATE_BITS))}, got {self.state_bits!r}")
         if self.int8_weights and self.method != "sltrain":
             raise ValueError("--int8-weights stores SLTrain's A, B and values: it needs --method sltrain")
-        if self.parallel != "none" and self.uses_memory_stack:
-            # Per-layer hooks fire before DDP's all-reduce and never on FSDP2's sharded gradients.
-            raise ValueError("--per-layer, --state-bits and --int8-weights are not supported with --parallel yet")
+        if self.parallel != "none" and self.int8_weights:
+            raise ValueError("--int8-weights is not supported with --parallel yet (FSDP2 would all-gather the int8 "
+                             "codes as floats and DCP cannot save them): drop --int8-weights; --per-layer and "
+                             "--state-bits 8|4 do work with --parallel")
         if self.skip_nonfinite and self.per_layer:
             raise ValueError("--skip-nonfinite cannot skip a --per-layer step: it updates the weights during backward")
         self._check_techniques()
@@ -217,11 +219,13 @@ class TrainConfig:
 # Settings a resumed run may change without changing what it computes. Not `steps`: the
 # cosine schedule depends on the total, so a longer run is a different run. `parallel`: DDP,
 # FSDP2 and one process compute the same updates (up to float rounding) and read each other's
-# distributed checkpoints. `checkpoint_activations`: recomputation gives the same values.
+# distributed checkpoints. `checkpoint_activations`: recomputation gives the same values;
+# `compile_step`: the compiled and the eager torchao step do the same math.
 # `skip_nonfinite`: finite steps are the same with or without it. `tokenize_workers`: any number
 # writes the same token shards.
 RESUMABLE_FIELDS = {"out", "eval_every", "log_every", "checkpoint_every", "threads", "progress", "parallel",
-                    "export", "checkpoint_activations", "skip_nonfinite", "dist_timeout", "tokenize_workers"}
+                    "export", "checkpoint_activations", "skip_nonfinite", "dist_timeout", "tokenize_workers",
+                    "compile_step"}
 
 
 def check_hf_config(path: str) -> None:
@@ -519,8 +523,8 @@ def setup(cfg: TrainConfig, ctx: DistContext, stack: contextlib.ExitStack) -> Ru
         model = model.to(ctx.device)
         micro_tokens = cfg.batch_size // ctx.world_size * seq_len
         paths = pin_paths(model, micro_tokens, DTYPES[cfg.dtype], ctx, meta["paths"] if meta else None)
-        model = distributed.wrap(model, ctx)
-        optimizer = build_optimizer(model, cfg)
+        model = distributed.wrap(model, ctx, per_layer=cfg.per_layer)
+        optimizer = build_optimizer(model, cfg, ctx)
         scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.restart_every,
                                     cfg.recovery_steps)
         batches = BatchIterator(data.train, cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
@@ -571,15 +575,15 @@ def train_step(run: Run) -> tuple[float, Optional[float], float]:
         """All micro-batches of one update; the mean loss (run twice by two-pass clipping)."""
         loss_sum = 0.0
         for micro, (inputs, targets) in enumerate(micro_batches):
-            with distributed.gradient_sync(run.model, micro == cfg.grad_accum - 1):
+            with distributed.gradient_sync(run.model, micro == cfg.grad_accum - 1 or cfg.per_layer):
                 loss = run.model(inputs, targets)
                 (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach())
         return loss_sum / cfg.grad_accum
 
     grad_norm, lr = None, optimizer.param_groups[0]["lr"]
-    if cfg.per_layer:  # parameters are updated during backward (with clipping: two passes)
-        loss = ctx.mean(optimizer.step(forward_backward) if cfg.clip is not None else forward_backward())
+    if cfg.per_layer:  # parameters are updated during backward; step() closes the update (clipping: two passes)
+        loss = ctx.mean(optimizer.step(forward_backward))
     else:
         loss = ctx.mean(forward_backward())
         if cfg.clip is not None or cfg.skip_nonfinite:
@@ -715,8 +719,9 @@ def _finish(run: Run, val_loss: float, train_time: float, start: int) -> dict:
     return summary
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Plain ``torch.optim.AdamW``, or ``slcompile.optim`` when the memory stack is asked for."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, ctx: DistContext = DistContext()) -> torch.optim.Optimizer:
+    """Plain ``torch.optim.AdamW``, or ``slcompile.optim`` when the memory stack is asked for (under
+    ``--parallel``: dense states for DCP; with DDP and ``--per-layer`` it averages the gradients)."""
     from slcompile import optim
     if not cfg.uses_memory_stack:
         return torch.optim.AdamW(optim.param_groups(model, cfg.lr, lr_factors=cfg.lr_factors_mult,
@@ -725,7 +730,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return optim.build(model, lr=cfg.lr, lr_factors=cfg.lr_factors_mult, lr_values=cfg.lr_values_mult,
                        weight_decay=cfg.weight_decay, per_layer=cfg.per_layer,
                        state_bits=cfg.state_bits, accumulation_steps=cfg.grad_accum if cfg.per_layer else 1,
-                       max_grad_norm=cfg.clip if cfg.per_layer else None, int8_weights=cfg.int8_weights)
+                       max_grad_norm=cfg.clip if cfg.per_layer else None, int8_weights=cfg.int8_weights,
+                       data_parallel=torch.distributed.group.WORLD if ctx.parallel == "ddp" and cfg.per_layer else None,
+                       dense_state_dict=ctx.enabled, compile_step=cfg.compile_step)
 
 
 def _state_bytes(params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> int:

@@ -4,10 +4,18 @@
   its model (as a rank with another seed or model definition would).
 - ``crash-after:K``: every rank dies (``os._exit``, no clean-up, like a kill) right after the
   checkpoint of step ``K`` is complete.
+- ``updates-in-backward``: an optimizer update outside a backward pass raises (the per-layer
+  optimizer must update each parameter in its post-accumulate-grad hook, e.g. right after
+  FSDP2's reduce-scatter, never later in ``step()``).
+
+Several faults are joined by ``+``.
 """
 import os
 import sys
 
+import torch
+
+from slcompile.optim import per_layer
 from slcompile.recipes import checkpoint, train
 
 CORRUPTED_LAYER = "layers.0.self_attn.q_proj"
@@ -32,8 +40,18 @@ def _install_fault(fault: str) -> None:
                 os._exit(17)
 
         checkpoint.Checkpointer.save = save_then_die
+    elif fault == "updates-in-backward":
+        update = per_layer._Slot.update
+
+        def update_in_backward(self, context):
+            if torch._C._current_graph_task_id() == -1:
+                raise RuntimeError("a per-layer update ran outside backward")
+            update(self, context)
+
+        per_layer._Slot.update = update_in_backward
 
 
 if __name__ == "__main__":
-    _install_fault(os.environ.get("SLCOMPILE_TEST_FAULT", ""))
+    for name in os.environ.get("SLCOMPILE_TEST_FAULT", "").split("+"):
+        _install_fault(name)
     sys.exit(train.main(sys.argv[1:]))

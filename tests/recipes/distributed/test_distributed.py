@@ -1,6 +1,7 @@
 """Data-parallel training on 2 CPU ranks (gloo, torchrun in a subprocess, bounded in time).
 
-DDP and FSDP2 reproduce the single-process losses on the same global batch; a distributed
+DDP and FSDP2 reproduce the single-process losses on the same global batch, with the plain
+optimizer and with the per-layer one (updates inside backward; 32- and 8-bit states); a distributed
 checkpoint written by 2 ranks resumes on 1 and on 2, and rerunning the finished run exits 0; a
 damaged or hostile shard is refused; a rank whose sparse support differs, or a failure on one
 rank, stops every rank; the exported safetensors file is the merged dense model.
@@ -33,6 +34,13 @@ TINY = {"model": "llama-tiny", "corpora": ("wiki",), "vocab_size": 512, "batch_s
         "log_every": 1, "eval_every": 3, "checkpoint_every": 3, "lr": 3e-3, "progress": False,
         "grad_accum": 2, "clip": 0.5}  # both: ranks skip the sync of the first micro-batch, FSDP2 clips DTensors
 PLAIN = {"grad_accum": 1, "clip": None}
+PER_LAYER = {"per_layer": True, "compile_step": False}  # eager torchao step: no compile time in tests
+# 8-bit states: measured within 6e-7 of one process over 6 steps (FSDP2 shards are whole rows, so
+# no quantization block straddles two shards). Resuming requantizes the states from their dense
+# checkpoint; torchao's signed map does not reach -1, so a block whose largest magnitude is
+# negative gets a smaller scale and moves by up to one code: 5e-5 on the loss after a 2-rank resume.
+# 2e-4 is still 20 times below the 8- vs 32-bit gap (4e-3 at step 6), which it would catch.
+TOL8 = 2e-4
 
 
 def _cli(steps: int, **overrides) -> list[str]:
@@ -42,8 +50,8 @@ def _cli(steps: int, **overrides) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if value is None:
             continue
-        if key == "progress":
-            args += [] if value else ["--no-progress"]
+        if value is False:  # --no-progress, --no-compile-step
+            args.append("--no-" + flag[2:])
         elif value is True:
             args.append(flag)
         else:
@@ -108,6 +116,20 @@ def single(tmp_path_factory, cache):
         mp.setenv("SLCOMPILE_CACHE", str(cache))
         summary = train(TrainConfig(**TINY, steps=6, export=True, out=str(out)))
     return out, summary
+
+
+@pytest.fixture(scope="module")
+def per_layer_single(tmp_path_factory, cache):
+    """One-process per-layer runs with TINY's accumulation and clipping: losses by state bits."""
+    losses = {}
+    for bits in (32, 8):
+        out = tmp_path_factory.mktemp(f"single-per-layer-{bits}")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SLCOMPILE_CACHE", str(cache))
+            train(TrainConfig(**TINY, **PER_LAYER, state_bits=bits, steps=6, out=str(out)))
+        losses[bits] = _losses(out)
+    assert _max_diff(losses[8], losses[32]) > 10 * TOL8  # TOL8 tells 8-bit states from 32-bit ones
+    return losses
 
 
 # ---- cheap, in-process ---------------------------------------------------------------------------
@@ -194,6 +216,31 @@ def test_two_ranks_match_one_process(parallel, single, cache, tmp_path):
     mine, ref = load_file(tmp_path / "model.safetensors"), load_file(ref_dir / "model.safetensors")
     assert mine.keys() == ref.keys()
     assert max(float((mine[k] - ref[k]).abs().max()) for k in ref) < TOL
+
+
+def test_int8_weights_are_refused_under_parallel():
+    with pytest.raises(ValueError, match="--int8-weights is not supported with --parallel"):
+        TrainConfig(parallel="fsdp2", per_layer=True, int8_weights=True)
+
+
+@pytest.mark.parametrize("parallel, bits", [("fsdp2", 32), ("fsdp2", 8), ("ddp", 32)])
+def test_per_layer_two_ranks_match_one_process(parallel, bits, per_layer_single, cache, tmp_path):
+    # Every update must run inside backward (FSDP2: in the shard's hook after its reduce-scatter;
+    # DDP: after the hook's all-reduce), with 2 micro-batches and two-pass global clipping.
+    result = torchrun(2, _cli(6, parallel=parallel, state_bits=bits, **PER_LAYER, out=tmp_path), cache,
+                      fault="updates-in-backward")
+    _check(result)
+    assert _max_diff(_losses(tmp_path), per_layer_single[bits]) < (TOL if bits == 32 else TOL8)
+
+
+def test_quantized_per_layer_checkpoint_of_two_ranks_resumes_on_one(per_layer_single, cache, tmp_path):
+    settings = dict(state_bits=8, **PER_LAYER)
+    result = torchrun(2, _cli(6, parallel="fsdp2", **settings, out=tmp_path), cache, fault="crash-after:3")
+    assert result.returncode != 0 and max(_losses(tmp_path)) == 3, result.stdout[-4000:]
+    _check(torchrun(1, _cli(6, parallel="ddp", **settings, out=tmp_path), cache))
+    losses = _losses(tmp_path)
+    assert sorted(losses) == list(range(1, 7))
+    assert _max_diff(losses, per_layer_single[8]) < TOL8
 
 
 def test_checkpoint_of_two_ranks_resumes_on_one_and_on_two(single, cache, tmp_path):
