@@ -90,17 +90,23 @@ def file_identity(paths: Sequence[Path]) -> list:
 
 
 def _open_binary(path: Path, compression: str | None) -> tuple[IO[bytes], tuple[type[Exception], ...]]:
-    """The decompressed byte stream of ``path`` and the exceptions that mean a damaged stream."""
-    if compression == ".gz":
-        return gzip.open(path, "rb"), (OSError, EOFError)  # gzip.BadGzipFile is an OSError
+    """The decompressed byte stream of ``path`` and the exceptions that mean a damaged stream. A file
+    that cannot be opened is a ``ValueError`` naming it (an ``OSError`` would read as a cache that
+    cannot be written)."""
     if compression == ".zst":
         try:
             import zstandard
         except ImportError:
             raise ValueError(f"{path}: reading .zst files needs `pip install zstandard`") from None
-        stream = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-        return io.BufferedReader(stream), (OSError, zstandard.ZstdError)
-    return open(path, "rb"), (OSError,)
+    try:
+        if compression == ".gz":
+            return gzip.open(path, "rb"), (OSError, EOFError)  # gzip.BadGzipFile is an OSError
+        if compression == ".zst":
+            stream = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+            return io.BufferedReader(stream), (OSError, zstandard.ZstdError)
+        return open(path, "rb"), (OSError,)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
 
 def _lines(path: Path, compression: str | None) -> Iterator[tuple[int, str]]:
@@ -200,7 +206,7 @@ def read_token_blocks(path: Path, dtype: str) -> Iterator[np.ndarray]:
     """A pre-tokenized file's ids in blocks of at most :data:`ID_BLOCK` (1-D, the file's dtype), read
     with plain reads (no memory map, so the pages read never count as this process's memory):
     ``.npy`` states its dtype, ``.bin`` is raw ``dtype`` (``uint16``/``uint32``, little-endian)."""
-    with open(path, "rb") as f:
+    with _open_binary(path, None)[0] as f:
         if _format(path)[0] == ".npy":
             try:
                 version = np.lib.format.read_magic(f)

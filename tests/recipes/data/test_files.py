@@ -104,6 +104,15 @@ def test_pretokenized_bin_and_npy_shards(tmp_path, dtype):
     assert np.array_equal(with_val.val_tokens, np.arange(10))
 
 
+@pytest.mark.parametrize("name, module", [("a.jsonl.zst", "zstandard"), ("a.parquet", "pyarrow.parquet")])
+def test_a_missing_optional_package_is_named(tmp_path, monkeypatch, name, module):
+    (tmp_path / name).write_bytes(b"data")
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    package = module.split(".")[0]
+    with pytest.raises(ValueError, match=rf"{name}: reading \.\w+ files needs `pip install {package}`"):
+        load([tmp_path / name])
+
+
 # ---------------------------------------------------------------------------------------- split
 def test_hash_split_by_document_is_stable(tmp_path, tokenizer_file):
     """A document's split depends on its file name and line only: not on other files, their
