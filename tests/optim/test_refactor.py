@@ -12,7 +12,8 @@ from torch import nn
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 from slcompile import SLLinear  # noqa: E402
-from slcompile.optim import build, factor_params, param_groups, quantize_weights, refactorize_, reset_moments_  # noqa: E402
+from slcompile.optim import (build, factor_params, param_groups, quantize_weights, refactorize_,  # noqa: E402
+                             reset_moments_)
 from slcompile.recipes.baselines import LowRankLinear  # noqa: E402
 from helpers import batches, dense_reference_weight, tiny_model  # noqa: E402
 
