@@ -25,8 +25,7 @@ from tokenizers import Tokenizer
 from slcompile.recipes.data.corpora import Document, content_hash, load_corpus
 from slcompile.recipes.data.sources import (ID_BLOCK, file_identity, is_pretokenized, read_documents,
                                             read_token_blocks, resolve_paths)
-from slcompile.recipes.data.tokenizer import (EOS_TOKENS, cache_dir, get_tokenizer, load_tokenizer,
-                                              tokenizer_hash)
+from slcompile.recipes.data.tokenizer import cache_dir, eos_id, get_tokenizer, load_tokenizer, tokenizer_hash
 from slcompile.recipes.files import cached
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -124,15 +123,6 @@ def _encoded(tasks: Iterator[list[tuple[str, bool]]], encoder: _Encoder, workers
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
-
-
-def eos_id(tokenizer: Tokenizer, name: str = "the tokenizer") -> int:
-    """The end-of-text id appended after each document: the first of :data:`EOS_TOKENS` it knows."""
-    for token in EOS_TOKENS:
-        if (index := tokenizer.token_to_id(token)) is not None:
-            return index
-    raise ValueError(f"{name} has none of the end-of-text tokens {', '.join(EOS_TOKENS)}: documents could "
-                     "not be separated")
 
 
 def _load_shard(path: Path, dtype: np.dtype, vocab_size: int) -> np.ndarray:

@@ -74,10 +74,20 @@ def load_tokenizer(path: str, vocab_size: int) -> Tokenizer:
         tokenizer = _read(Path(path))
     except (OSError, ValueError) as exc:
         raise ValueError(f"--tokenizer {path}: not a tokenizers JSON file ({exc})") from None
+    eos_id(tokenizer, f"--tokenizer {path}")
     if tokenizer.get_vocab_size() > vocab_size:
         raise ValueError(f"--tokenizer {path} has {tokenizer.get_vocab_size()} entries, more than the model's "
                          f"embedding (--vocab-size {vocab_size}): pass --vocab-size {tokenizer.get_vocab_size()}")
     return tokenizer
+
+
+def eos_id(tokenizer: Tokenizer, name: str = "the tokenizer") -> int:
+    """The end-of-text id put after each document: the first of :data:`EOS_TOKENS` the tokenizer has."""
+    for token in EOS_TOKENS:
+        if (index := tokenizer.token_to_id(token)) is not None:
+            return index
+    raise ValueError(f"{name} has none of the end-of-text tokens {', '.join(EOS_TOKENS)}, which separate "
+                     "documents")
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:

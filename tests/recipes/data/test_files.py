@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, models
 
 from slcompile.recipes import train as train_mod
 from slcompile.recipes.data import dataset, load_text_data, sources, train_tokenizer
@@ -162,6 +163,7 @@ def _bad_inputs(tmp_path, tokenizer_file):
     (tmp_path / "odd.bin").write_bytes(b"\x01\x02\x03")
     (tmp_path / "a.csv").write_text("text\nhello\n")
     good = str(write_jsonl(tmp_path / "good.jsonl", DOCS))
+    Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")).save(str(tmp_path / "no_eos.json"))
     return {
         "missing": (["--data", str(tmp_path / "nope.jsonl")], f"--data {tmp_path / 'nope.jsonl'}: no such file"),
         "no match": (["--data", str(tmp_path / "*.txtt")], "no file matches this pattern"),
@@ -179,6 +181,8 @@ def _bad_inputs(tmp_path, tokenizer_file):
                               f"--tokenizer {tokenizer_file} has {VOCAB} entries, more than the model's embedding "
                               f"(--vocab-size 290): pass --vocab-size {VOCAB}"),
         "no tokenizer": (["--data", good, "--tokenizer", str(tmp_path / "a.csv")], "not a tokenizers JSON file"),
+        "no eos": (["--data", good, "--tokenizer", str(tmp_path / "no_eos.json")],
+                   f"--tokenizer {tmp_path / 'no_eos.json'} has none of the end-of-text tokens"),
     }
 
 
