@@ -310,7 +310,7 @@ def test_a_failure_on_rank_0_alone_stops_every_rank_at_once(cache, tmp_path):
     result = torchrun(2, _cli(2, parallel="ddp", dist_timeout=60, out=tmp_path), cache)
     assert result.returncode != 0
     assert "is a non-empty folder that is not a run folder" in result.stdout
-    assert "error: another rank failed while checking the settings and --out" in result.stdout
+    assert "error: another rank failed while locking --out" in result.stdout
 
 
 def test_support_mismatch_is_detected(cache, tmp_path):
