@@ -121,10 +121,10 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip (and count) steps whose loss or gradients are not finite
     dist_timeout: float = DEFAULT_TIMEOUT_S  # seconds a rank waits for the others before failing
     # Closing the quality gap (slcompile.optim.refactor): restarts every N updates, LR multipliers.
-    refactor_every: Optional[int] = None  # re-balance A, B from B @ A (W unchanged), reset their moments
+    refactor_every: Optional[int] = None  # re-balance A, B from B @ A (W unchanged); their moments are kept
     momentum_reset_every: Optional[int] = None  # clear the AdamW states of A, B
-    reset_values: bool = False  # the restarts also clear the states of the sparse values
-    recovery_steps: int = 0  # after each restart, ramp the LR up from 0.001x over this many updates
+    reset_values: bool = False  # the momentum resets also clear the states of the sparse values
+    recovery_steps: int = 0  # after each momentum reset, ramp the LR up from 0.001x over this many updates
     lr_factors_mult: float = 1.0  # A, B train at lr * this
     lr_values_mult: float = 1.0  # the sparse values train at lr * this
 
@@ -196,16 +196,10 @@ class TrainConfig:
             raise ValueError(f"--method full has no factors A, B: drop {', '.join(k for k, v in used.items() if v)}")
         if self.method != "sltrain" and (self.reset_values or self.lr_values_mult != 1.0):
             raise ValueError(f"--method {self.method} has no sparse values: drop --reset-values / --lr-values-mult")
-        if not self.restart_every and (self.reset_values or self.recovery_steps):
-            raise ValueError("--reset-values and --recovery-steps act at restarts: add --refactor-every or "
-                             "--momentum-reset-every")
+        if self.momentum_reset_every is None and (self.reset_values or self.recovery_steps):
+            raise ValueError("--reset-values and --recovery-steps act at momentum resets: add --momentum-reset-every")
         if self.refactor_every is not None and self.parallel == "fsdp2":
             raise ValueError("--refactor-every needs each layer's whole B @ A: use --parallel ddp, not fsdp2")
-
-    @property
-    def restart_every(self) -> tuple[int, ...]:
-        """The intervals (in updates) of the restarts: refactorizations and momentum resets."""
-        return tuple(n for n in (self.refactor_every, self.momentum_reset_every) if n is not None)
 
     @property
     def uses_memory_stack(self) -> bool:
@@ -525,7 +519,8 @@ def setup(cfg: TrainConfig, ctx: DistContext, stack: contextlib.ExitStack) -> Ru
         paths = pin_paths(model, micro_tokens, DTYPES[cfg.dtype], ctx, meta["paths"] if meta else None)
         model = distributed.wrap(model, ctx, per_layer=cfg.per_layer)
         optimizer = build_optimizer(model, cfg, ctx)
-        scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.restart_every,
+        scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio,
+                                    () if cfg.momentum_reset_every is None else (cfg.momentum_reset_every,),
                                     cfg.recovery_steps)
         batches = BatchIterator(data.train, cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
         run = Run(cfg, ctx, out, model, optimizer, scheduler, batches, val_rows, checkpointer, info, paths,
@@ -604,23 +599,25 @@ def train_step(run: Run) -> tuple[float, Optional[float], float]:
 
 
 def restart(run: Run) -> None:
-    """After update ``run.step``: refactorize (``--refactor-every``) and/or clear the optimizer
-    states of the factors (and values, ``--reset-values``) when a restart falls on this step.
+    """After update ``run.step``: refactorize (``--refactor-every``), then clear the optimizer
+    states of the factors (and values, ``--reset-values``; ``--momentum-reset-every``) when due.
+    Both at the same interval is the procedure of arXiv 2505.22922 (refactor, rebuild the optimizer).
 
     Runs before the checkpoint of the same step, so a resumed run has the post-restart weights
     and states and meets the next restart at the same step; the LR schedule restarts by itself.
     """
     cfg, done = run.cfg, run.step
-    due = {name: every is not None and done % every == 0 and done < cfg.steps
-           for name, every in (("refactor", cfg.refactor_every), ("momentum_reset", cfg.momentum_reset_every))}
-    if not any(due.values()):
+    refactor = cfg.refactor_every is not None and done % cfg.refactor_every == 0
+    reset = cfg.momentum_reset_every is not None and done % cfg.momentum_reset_every == 0
+    if done >= cfg.steps or not (refactor or reset):
         return
     from slcompile.optim import factor_params, refactorize_, reset_moments_
-    record = {"step": done, "restart": [name for name, hit in due.items() if hit]}
-    if due["refactor"]:
+    record = {"step": done}
+    if refactor:
         record["refactor_max_dw"] = max(refactorize_(run.model).values(), default=0.0)
-    factors, values = factor_params(run.model)
-    record["reset_states"] = reset_moments_(run.optimizer, factors + values if cfg.reset_values else factors)
+    if reset:
+        factors, values = factor_params(run.model)
+        record["reset_states"] = reset_moments_(run.optimizer, factors + values if cfg.reset_values else factors)
     run.write(record)
 
 

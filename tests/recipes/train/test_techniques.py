@@ -31,8 +31,8 @@ def _records(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("per_layer, every, crash", [(False, 5, 10), (True, 4, 8)])
 def test_a_resumed_run_restarts_at_the_same_steps_with_the_same_losses(tmp_path, monkeypatch, per_layer, every,
                                                                         crash):
-    """Restarts at 4, 6, 8, 12, 16, 18; checkpoints every 5 (between restarts) or every 4 (on
-    refactorizations). A crash right after the checkpoint of step ``crash`` resumes to the
+    """Refactorizations at 4, 8, 12, 16, momentum resets at 6, 12, 18; checkpoints every 5 (between
+    them) or every 4 (on refactorizations). A crash right after the checkpoint of step ``crash`` resumes to the
     uninterrupted run's records, restarts and final weights."""
     class Crash(Exception):
         pass
@@ -53,12 +53,10 @@ def test_a_resumed_run_restarts_at_the_same_steps_with_the_same_losses(tmp_path,
     train(TrainConfig(**cfg, out=str(tmp_path / "resumed")))
 
     full, resumed = _records(tmp_path / "full"), _records(tmp_path / "resumed")
-    restarts = [r for r in full if "restart" in r]
-    assert [(r["step"], r["restart"]) for r in restarts] == [
-        (4, ["refactor"]), (6, ["momentum_reset"]), (8, ["refactor"]), (12, ["refactor", "momentum_reset"]),
-        (16, ["refactor"]), (18, ["momentum_reset"])]
-    assert all(r["refactor_max_dw"] < 1e-4 for r in restarts if "refactor" in r["restart"])
-    assert all(r["reset_states"] == 3 * layers for r in restarts)  # A, B and (--reset-values) values
+    refactors = {r["step"]: r["refactor_max_dw"] for r in full if "refactor_max_dw" in r}
+    resets = {r["step"]: r["reset_states"] for r in full if "reset_states" in r}
+    assert list(refactors) == [4, 8, 12, 16] and max(refactors.values()) < 1e-4
+    assert resets == {6: 3 * layers, 12: 3 * layers, 18: 3 * layers}  # A, B and (--reset-values) values
     for records in (full, resumed):
         for record in records:
             record.pop("tokens_per_s", None)
@@ -67,16 +65,18 @@ def test_a_resumed_run_restarts_at_the_same_steps_with_the_same_losses(tmp_path,
                for run in ("full", "resumed")]
     for name, tensor in weights[0].items():
         assert torch.equal(weights[1][name], tensor), name
-    lrs = {r["step"]: r["lr"] for r in full if "lr" in r}  # "lr" logged at step s is update s's (index s - 1)
+    lrs = {r["step"]: r["lr"] for r in full if "lr" in r}  # logged at step s: update s's LR (index s - 1)
     assert lrs[13] == pytest.approx(1e-2 * 0.001 * warmup_cosine(14, 2, 20))
     assert lrs[15] == pytest.approx(1e-2 * warmup_cosine(14, 2, 20))
 
 
 def test_lowrank_refactorizes_and_trains(tmp_path):
     summary = train(TrainConfig(**TINY, method="lowrank", steps=12, lr=1e-2, warmup=2, refactor_every=5,
-                                recovery_steps=2, lr_factors_mult=0.5, out=str(tmp_path)))
+                                momentum_reset_every=5, recovery_steps=2, lr_factors_mult=0.5, out=str(tmp_path)))
     assert math.isfinite(summary["val_loss"])
-    assert [r["step"] for r in _records(tmp_path) if "restart" in r] == [5, 10]
+    layers = 14  # llama-tiny: 2 decoder layers x 7 projections, each low rank (A, B)
+    assert [(r["step"], r["reset_states"]) for r in _records(tmp_path) if "refactor_max_dw" in r] == [
+        (5, 2 * layers), (10, 2 * layers)]
 
 
 def test_build_optimizer_gives_values_and_factors_their_lr():
@@ -95,13 +95,13 @@ def test_build_optimizer_gives_values_and_factors_their_lr():
 @pytest.mark.parametrize("argv, message", [
     (["--refactor-every", "0"], "--refactor-every must be an integer >= 1, got 0"),
     (["--momentum-reset-every", "-2"], "--momentum-reset-every must be an integer >= 1"),
-    (["--recovery-steps", "-1", "--refactor-every", "5"], "--recovery-steps must be an integer >= 0"),
+    (["--recovery-steps", "-1", "--momentum-reset-every", "5"], "--recovery-steps must be an integer >= 0"),
     (["--lr-values-mult", "-0.5"], "--lr-values-mult must be a finite number >= 0"),
     (["--lr-factors-mult", "inf"], "--lr-factors-mult must be a finite number >= 0"),
     (["--method", "full", "--refactor-every", "5"], "--method full has no factors A, B: drop --refactor-every"),
     (["--method", "lowrank", "--lr-values-mult", "2"], "--method lowrank has no sparse values"),
-    (["--recovery-steps", "10"], "act at restarts: add --refactor-every or --momentum-reset-every"),
-    (["--reset-values"], "act at restarts"),
+    (["--recovery-steps", "10", "--refactor-every", "5"], "act at momentum resets: add --momentum-reset-every"),
+    (["--reset-values"], "act at momentum resets"),
     (["--refactor-every", "5", "--parallel", "fsdp2"], "--refactor-every needs each layer's whole B @ A"),
 ])
 def test_bad_technique_flags_exit_2_before_any_write(tmp_path, argv, message, capsys):
