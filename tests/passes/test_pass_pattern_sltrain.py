@@ -320,3 +320,131 @@ def test_dtype_mismatch_is_left_alone():
 def test_uuid_is_stable_bytes():
     assert SLTrainPatternPass().uuid() == SLTrainPatternPass().uuid()
     assert isinstance(SLTrainPatternPass().uuid(), bytes)
+
+
+# ---------------------------------------------------------------- the SLTrain authors' layer, as they ship it
+
+class SparseLinearFunction(torch.autograd.Function):
+    """A re-creation of the SLTrain authors' function: ``W = B A * scaling + S`` built in place in the
+    forward, recomputed in the backward (only the inputs are saved)."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, values, indices, scaling, bias):
+        weight = B.mm(A) * scaling
+        weight.view(-1).scatter_add_(0, indices, values)
+        ctx.save_for_backward(x, A, B, values, indices)
+        ctx.scaling = scaling
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, A, B, values, indices = ctx.saved_tensors
+        weight = B.mm(A) * ctx.scaling
+        weight.view(-1).scatter_add_(0, indices, values)
+        dy, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        d_weight = dy.t() @ x2  # dW = dY^T X, (out, in)
+        d_bias = dy.sum(0) if ctx.has_bias else None
+        return (grad_out @ weight, ctx.scaling * B.t() @ d_weight, ctx.scaling * d_weight @ A.t(),
+                d_weight.view(-1)[indices], None, None, d_bias)
+
+
+class AuthorsLinear(nn.Module):
+    """Their module: ``lora_A (r, in)``, ``lora_B (out, r)``, sparse ``values`` at the int64 ``indices``."""
+
+    def __init__(self, d_in, d_out, rank, nnz, bias=True, dtype=torch.float64, body=None):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.lora_A = nn.Parameter(torch.randn(rank, d_in, generator=gen, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.randn(d_out, rank, generator=gen, dtype=dtype))
+        self.values = nn.Parameter(torch.randn(nnz, generator=gen, dtype=dtype))
+        self.bias = nn.Parameter(torch.randn(d_out, generator=gen, dtype=dtype)) if bias else None
+        self.register_buffer("indices", generate_support(d_out, d_in, nnz, 0).long())
+        self.scaling = 2.0 / rank
+        self.body = body  # None: their autograd.Function; else the forward written as plain ops
+
+    def forward(self, x):
+        if self.body is None:
+            return SparseLinearFunction.apply(x, self.lora_A, self.lora_B, self.values, self.indices, self.scaling,
+                                              self.bias)
+        return self.body(self, x)
+
+
+def plain_ops(m, x):  # their forward without the autograd.Function
+    weight = m.lora_B.mm(m.lora_A * m.scaling)
+    weight.view(-1).index_add_(0, m.indices, m.values)
+    return F.linear(x, weight, m.bias)
+
+
+def outputs_and_grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(),
+                                [x, *model.parameters()])
+    return [y.detach(), *grads]
+
+
+def dynamo_pass(model: nn.Module, x: torch.Tensor) -> tuple[list[fx.GraphModule], SLTrainPatternPass]:
+    """``model`` through Dynamo with the pass run on each graph it records (no Inductor): the graphs and the pass."""
+    torch._dynamo.reset()
+    graphs, rewrite = [], SLTrainPatternPass()
+
+    def backend(gm, example_inputs):
+        rewrite(gm.graph)
+        gm.graph.lint()
+        gm.recompile()
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    torch.testing.assert_close(outputs_and_grads(compiled, x), outputs_and_grads(model, x), rtol=1e-12, atol=1e-12)
+    return graphs, rewrite
+
+
+@pytest.mark.parametrize("body, bias", [(None, True), (None, False), (plain_ops, True)])
+def test_authors_layer_through_dynamo(body, bias):
+    model = AuthorsLinear(10, 6, 3, 12, bias=bias, body=body)
+    (gm,), rewrite = dynamo_pass(model, torch.randn(2, 4, 10, dtype=torch.float64))
+    assert rewrite.counts["sl_linear"] == 1, rewrite.notes
+    (node,) = sl_nodes(gm)
+    assert node.args[5] == pytest.approx(model.scaling) and (len(node.args) == 7) == bias
+    assert {n.op for n in gm.graph.nodes} == {"placeholder", "call_function", "output"}  # subgraphs gone too
+    assert not any(isinstance(m, fx.GraphModule) for m in gm.children())
+
+
+class ScaledInputFunction(SparseLinearFunction):
+    """Not the SLTrain layer: the forward also scales its input (the backward is left out of the check)."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, values, indices, scaling, bias):
+        return SparseLinearFunction.forward(ctx, 2 * x, A, B, values, indices, scaling, bias)
+
+
+def test_other_autograd_function_is_left_with_a_note():
+    model = AuthorsLinear(10, 6, 3, 12)
+    torch._dynamo.reset()
+    rewrite = SLTrainPatternPass()
+
+    def backend(gm, example_inputs):
+        rewrite(gm.graph)
+        return gm.forward
+
+    x = torch.randn(3, 10, dtype=torch.float64)
+    args = (model.lora_A, model.lora_B, model.values, model.indices, model.scaling, model.bias)
+    out = torch.compile(lambda x: ScaledInputFunction.apply(x, *args), backend=backend, fullgraph=True)(x)
+    assert rewrite.counts["sl_linear"] == 0
+    assert any("autograd.Function forward also computes" in n for n in rewrite.notes), rewrite.notes
+    torch.testing.assert_close(out, SparseLinearFunction.apply(2 * x, *args))
+
+
+@pytest.mark.compile
+def test_authors_function_through_the_slcompile_backend():
+    from slcompile.backend import last_report
+
+    torch._dynamo.reset()
+    model = AuthorsLinear(16, 12, 4, 20)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    compiled = torch.compile(model, backend="slcompile", fullgraph=True)
+    torch.testing.assert_close(outputs_and_grads(compiled, x), outputs_and_grads(model, x), rtol=1e-10, atol=1e-10)
+    report = last_report()
+    assert report.counts()["pattern_sltrain"] == {"graphs": 1, "sl_linear": 1}, report.notes()
