@@ -46,7 +46,7 @@ from slcompile.recipes.baselines import to_lowrank
 from slcompile.recipes.checkpoint import Checkpointer
 from slcompile.recipes.data import TOKEN_DTYPES, BatchIterator, TextData, cache_dir, eval_batches, load_text_data
 from slcompile.recipes.distributed import DEFAULT_TIMEOUT_S, PARALLEL_MODES, DistContext
-from slcompile.recipes.files import atomic_path, check_writable, locked_run_dir
+from slcompile.recipes.files import RUN_MARKER, atomic_path, check_writable, locked_run_dir
 from slcompile.recipes.models.llama import Llama
 from slcompile.recipes.schedule import build_scheduler
 from slcompile.transform import TransformReport, transform
@@ -493,12 +493,16 @@ def setup(cfg: TrainConfig, ctx: DistContext, stack: contextlib.ExitStack) -> Ru
         checkpointer = Checkpointer(out, ctx)
         if ctx.is_main:
             check_writable(cache_dir(), "the data cache (SLCOMPILE_CACHE)")
+            resuming = (out / RUN_MARKER).exists()  # a run folder, maybe a live run's: refused at once
+            if resuming:
+                stack.enter_context(locked_run_dir(out))
     with ctx.all_or_none("filling the data cache"):
         if ctx.is_main:  # rank 0 reads every input once (bad input fails here, before --out is touched)
             load_data(cfg, progress=cfg.progress and sys.stderr.isatty())
     with ctx.all_or_none("locking --out"):
         if ctx.is_main:
-            stack.enter_context(locked_run_dir(out))
+            if not resuming:  # a new run folder is made only once the data is known to be good
+                stack.enter_context(locked_run_dir(out))
             checkpointer.recover()
     with ctx.all_or_none("reading the checkpoint"):
         meta = checkpointer.load_meta() if checkpointer.directory.exists() else None
