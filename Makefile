@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-extra.txt constraints.txt 2>/dev/null | cksum | cut -d' ' -f1)
 export TORCHAO_FORCE_SKIP_LOADING_SO_FILES := 1
 
-.PHONY: install test test-dev demo quality quickstart bench clean
+.PHONY: install test test-dev demo quality quality-techniques quickstart bench clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ quality: $(STAMP)
 	$(BIN)/python -m slcompile.recipes.demo --preset quality --methods sltrain,full,lowrank --jobs 3
 	mkdir -p benchmarks/results/quality && cp runs/quality/table.* runs/quality/val_curves.png benchmarks/results/quality/
 	for m in sltrain full lowrank; do cp runs/quality/$$m/metrics.jsonl benchmarks/results/quality/$$m.metrics.jsonl; done
+
+# Refactorization, momentum reset, alpha/r in the harness of `quality` (10 long runs after a short
+# sweep, three at a time: several hours on 2 cores); see benchmarks/README.md.
+quality-techniques: $(STAMP)
+	$(BIN)/python benchmarks/quality_techniques.py --jobs 3
 
 quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py

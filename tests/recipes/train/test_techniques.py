@@ -1,8 +1,10 @@
 """Refactorization, momentum reset, quick recovery and LR multipliers as flags of the training CLI."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from slcompile.recipes.checkpoint import Checkpointer
 from slcompile.recipes.files import sha256_file
 from slcompile.recipes.schedule import warmup_cosine
-from slcompile.recipes.train import TrainConfig, build_model, build_optimizer, main, train
+from slcompile.recipes.train import TrainConfig, build_model, build_optimizer, main, parse_args, train
 
 TINY = {"model": "llama-tiny", "corpora": ("wiki",), "vocab_size": 512, "batch_size": 4, "seq_len": 32,
         "progress": False, "log_every": 1, "eval_every": 100}
@@ -124,3 +126,16 @@ def test_a_checkpoint_from_before_these_flags_still_resumes(tmp_path):
     manifest["sha256"]["meta.pt"] = sha256_file(meta_path)
     manifest_path.write_text(json.dumps(manifest))
     train(TrainConfig(**TINY, steps=2, out=str(tmp_path)))
+
+
+def test_the_study_commands_are_valid_train_commands(capsys):
+    """``make quality-techniques``'s first phase: 6 variants x 3 LRs whose flags the CLI accepts."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+    study = importlib.import_module("quality_techniques")
+    assert study.main(["--dry-run"]) == 0
+    commands = [line.split()[2:] for line in capsys.readouterr().out.splitlines()]
+    assert len(commands) == 18
+    configs = [parse_args(cmd) for cmd in commands]
+    both = [c for c in configs if c.refactor_every and c.momentum_reset_every]
+    assert len(both) == 3 and all(c.reset_values and c.recovery_steps == 10 and c.steps == 800 for c in both)
+    assert sorted({c.alpha for c in configs if c.alpha}) == [12.0, 24.0]  # alpha/r 0.5 and 1 at rank 24
