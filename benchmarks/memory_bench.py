@@ -41,9 +41,16 @@ What is measured:
 Also written: the model's predictions at 350M / 1B / 7B (seq 256, micro-batch 1, bf16) for the
 same methods, next to the paper's measured peaks (REFERENCE.md section 4).
 
+World-size axis (``--world-sizes 1,2``, CPU, gloo): each rank of ``--parallel fsdp2`` (the
+model wrapped by ``slcompile.recipes.distributed.wrap``) reports the bytes of its parameter shards,
+gradient shards (after backward, before the step: ``per_layer=False`` keeps them) and optimizer
+states, next to :func:`slcompile.memory.estimate` with ``world_size``; the rank holding the most
+is compared. Default methods on this axis: ``sltrain-adamw-loop`` and ``sltrain-adamw8-loop``.
+
     .venv/bin/python benchmarks/memory_bench.py                # CPU: tiny, mini, 60m; fp32 + bf16
     .venv/bin/python benchmarks/memory_bench.py --configs llama-tiny:1x16 --dtypes fp32 --methods adamw
     python benchmarks/memory_bench.py                          # on a CUDA machine: 350m, 1b, 7b, bf16
+    .venv/bin/python benchmarks/memory_bench.py --world-sizes 1,2 --configs llama-mini:2x128 --dtypes fp32
 """
 from __future__ import annotations
 
@@ -53,6 +60,7 @@ import datetime
 import json
 import os
 import platform
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -65,6 +73,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch._C._profiler import _EventType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_cpu import allocation_events, machine_info, quiet_stderr  # noqa: E402
@@ -97,6 +106,8 @@ METHODS: dict[str, Method] = {
     "adamw8-pl": Method("8-bit AdamW per-layer", "full", "slcompile", True, 8),
     "sltrain-adamw": Method("SLTrain + AdamW", "sltrain", "torch-foreach", False, 32),
     "sltrain-adamw-loop": Method("SLTrain + AdamW (slcompile, per_layer=False)", "sltrain", "slcompile", False, 32),
+    "sltrain-adamw8-loop": Method("SLTrain + 8-bit AdamW (slcompile, per_layer=False)", "sltrain", "slcompile",
+                                  False, 8),
     "sltrain-adamw-pl": Method("SLTrain + AdamW per-layer", "sltrain", "slcompile", True, 32),
     "sltrain-adamw8-pl": Method("SLTrain + 8-bit per-layer", "sltrain", "slcompile", True, 8),
     "sltrain-adamw8-pl-int8": Method("SLTrain + 8-bit per-layer + int8 weights", "sltrain", "slcompile", True, 8, True),
@@ -109,6 +120,8 @@ PAPER_CONFIGS = ("llama-350m", "llama-1b", "llama-7b")
 
 CPU_DEFAULT = {"configs": "llama-tiny:1x16,llama-tiny:2x64,llama-mini:2x128,llama-60m:1x64", "dtypes": "fp32,bf16"}
 GPU_DEFAULT = {"configs": "llama-350m:1x256,llama-1b:1x256,llama-7b:1x256", "dtypes": "bf16"}
+SHARDED_METHODS = ("sltrain-adamw-loop", "sltrain-adamw8-loop")
+SHARDED_TERMS = ("parameters", "gradients", "optimizer_states")
 
 
 # -- the model's prediction ----------------------------------------------------------------------
@@ -151,7 +164,9 @@ def build_optimizer(model: nn.Module, m: Method, *, lr: float = 1e-3, compile_st
 
 # -- bytes of tensors ------------------------------------------------------------------------
 def _leaves(t: Tensor) -> list[Tensor]:
-    """The plain tensors holding ``t``'s data (wrapper subclasses: their inner tensors)."""
+    """The plain tensors holding ``t``'s data (wrapper subclasses: their inner tensors; a DTensor: its shard)."""
+    if isinstance(t, DTensor):
+        return _leaves(t.to_local())
     if type(t) not in (Tensor, nn.Parameter, nn.Buffer) and hasattr(t, "__tensor_flatten__"):
         names, _ = t.__tensor_flatten__()
         return [leaf for name in names for leaf in _leaves(getattr(t, name))]
@@ -353,6 +368,67 @@ def measure(config: str, method: str, *, dtype: str = "fp32", batch: int = 1, se
     }
 
 
+# -- one rank's share under FSDP2 (the world-size axis) ------------------------------------------
+def _sharded_rank(rank: int, world_size: int, port: int, config: str, method: str, dtype: str, batch: int,
+                  seq: int, steps: int, seed: int, queue) -> None:
+    """One rank of :func:`measure_sharded` (a spawned process): bytes of this rank's shards."""
+    import torch.distributed as dist
+    from slcompile.recipes import distributed
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        m = METHODS[method]
+        model = distributed.wrap(build_model(config, m, dtype, "cpu", seed),
+                                 distributed.DistContext("fsdp2", rank, world_size))
+        opt = build_optimizer(model, m, compile_step=False)
+        gen = torch.Generator().manual_seed(seed + rank)
+        tokens, targets = (torch.randint(get_config(config).vocab_size, (batch, seq), generator=gen) for _ in range(2))
+        for _ in range(steps - 1):
+            train_step(model, opt, tokens, targets, lambda name: contextlib.nullcontext())
+        model(tokens, targets).backward()
+        params = list(model.parameters())
+        queue.put((rank, {  # DTensors count their local shard (storage_bytes reads the inner tensor)
+            "parameters": storage_bytes(params),
+            "gradients": storage_bytes(p.grad for p in params if p.grad is not None),
+            "optimizer_states": storage_bytes(v for state in opt.state.values() for k, v in state.items()
+                                              if torch.is_tensor(v) and k != "step"),
+            "support": storage_bytes(b for b in model.buffers() if not b.is_floating_point()),
+        }))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_sharded(config: str, method: str, world_size: int, *, dtype: str = "fp32", batch: int = 1,
+                    seq: int = 64, steps: int = 3, seed: int = 0) -> dict:
+    """Per-rank bytes of parameters, gradients and optimizer states under FSDP2 on ``world_size``
+    CPU ranks (gloo, spawned processes), next to ``slcompile.memory.estimate(..., world_size=...)``.
+    ``rel_error``: per term, ``(predicted - measured) / measured`` for the rank holding the most."""
+    import torch.multiprocessing as mp
+    if steps < 2:
+        raise ValueError("steps must be >= 2: optimizer states are created in the first step")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_sharded_rank, (world_size, port, config, method, dtype, batch, seq, steps, seed, queue),
+                       nprocs=world_size, start_method="spawn")
+    per_rank = [bytes_ for _, bytes_ in sorted(queue.get() for _ in range(world_size))]
+    most = {term: max(r[term] for r in per_rank) for term in (*SHARDED_TERMS, "support")}
+    pred = predict(config, METHODS[method], dtype, batch, seq, "cpu", world_size=world_size)
+    return {"config": config, "method": method, "dtype": dtype, "batch": batch, "seq": seq,
+            "world_size": world_size, "per_rank_bytes": per_rank, "max_rank_bytes": most,
+            "predicted": {term: pred[term] for term in (*SHARDED_TERMS, "support")},
+            "rel_error": {term: (pred[term] - most[term]) / most[term] for term in SHARDED_TERMS}}
+
+
+def print_sharded(rows: list[dict]) -> None:
+    print(f"{'config':<12} {'method':<22} {'ranks':>5} " + " ".join(f"{t + ' MiB':>26}" for t in SHARDED_TERMS))
+    for r in rows:
+        cells = [f"{r['max_rank_bytes'][t] / MIB:9.3f} / {r['predicted'][t] / MIB:9.3f} ({100 * r['rel_error'][t]:+.1f}%)"
+                 for t in SHARDED_TERMS]
+        print(f"{r['config']:<12} {r['method']:<22} {r['world_size']:>5} " + " ".join(f"{c:>26}" for c in cells))
+
+
 # -- the paper's sizes: predictions only -------------------------------------------------------
 def paper_predictions(methods: list[str]) -> list[dict]:
     rows = []
@@ -456,7 +532,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--configs", default=default["configs"],
                         help="comma-separated name:BATCHxSEQ (llama-* names of slcompile.model_configs)")
     parser.add_argument("--dtypes", default=default["dtypes"], help="comma-separated: fp32, bf16")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated among {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=None, help=f"comma-separated among {', '.join(METHODS)} (default: all; "
+                        f"with --world-sizes: {', '.join(SHARDED_METHODS)})")
+    parser.add_argument("--world-sizes", default=None,
+                        help="comma-separated FSDP2 world sizes, e.g. 1,2: measure per-rank shards instead (CPU)")
     parser.add_argument("--steps", type=int, default=3, help="training steps; the last one is measured (>= 2)")
     parser.add_argument("--eager-step", action="store_true",
                         help="run torchao's 8-bit step eagerly (compile_step=False): fast to start, more transients")
@@ -468,18 +547,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.configs = [(name, *map(int, shape.split("x"))) for name, shape in
                     (item.split(":") for item in args.configs.split(",") if item)]
     args.dtypes = [d for d in args.dtypes.split(",") if d]
-    args.methods = [m for m in args.methods.split(",") if m]
+    args.world_sizes = [int(w) for w in args.world_sizes.split(",") if w] if args.world_sizes else []
+    default_methods = SHARDED_METHODS if args.world_sizes else METHODS
+    args.methods = [m for m in (args.methods or ",".join(default_methods)).split(",") if m]
     for bad, known in ((set(args.dtypes) - set(DTYPES), DTYPES), (set(args.methods) - set(METHODS), METHODS)):
         if bad:
             parser.error(f"unknown {sorted(bad)}; known: {', '.join(known)}")
     kind = "gpu" if args.device.startswith("cuda") else "cpu"
-    args.out = Path(args.out) if args.out else RESULTS / f"memory_{kind}.json"
+    args.out = Path(args.out) if args.out else RESULTS / f"memory_{'fsdp2_' if args.world_sizes else ''}{kind}.json"
     args.plot = Path(args.plot) if args.plot else args.out.with_suffix(".png")
     return args
 
 
+def main_sharded(args: argparse.Namespace) -> dict:
+    """The world-size axis: per-rank shards under FSDP2, measured and modeled."""
+    started = time.perf_counter()
+    rows = [measure_sharded(config, method, world, dtype=dtype, batch=batch, seq=seq, steps=args.steps)
+            for config, batch, seq in args.configs for dtype in args.dtypes for method in args.methods
+            for world in args.world_sizes]
+    report = {
+        "benchmark": "memory_bench --world-sizes",
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "torchao": _version("torchao"), "machine": machine_info(),
+        "settings": {"configs": [f"{c}:{b}x{s}" for c, b, s in args.configs], "dtypes": args.dtypes,
+                     "methods": args.methods, "world_sizes": args.world_sizes, "steps": args.steps,
+                     "command": " ".join(["python", *sys.argv])},
+        "how": {"measured": "each rank (gloo, FSDP2 via slcompile.recipes.distributed.wrap): storage bytes of its "
+                            "parameter shards, of its gradient shards after the last backward (before the step), "
+                            "of its optimizer states (not the step counters); max_rank_bytes: the rank holding most",
+                "predicted": "slcompile.memory.estimate(config, method, batch, seq, world_size=..., **model_options)"},
+        "results": rows,
+        "runtime_s": round(time.perf_counter() - started, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print_sharded(rows)
+    print(f"wrote {args.out} ({report['runtime_s']} s)")
+    return report
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.world_sizes:
+        return main_sharded(args)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results = []

@@ -13,12 +13,13 @@ Everything here is arithmetic on the model's shape: no tensors are allocated.
 What each term counts and why is in ``docs/memory.md`` and in the comment next to the term: one
 device, live tensors only (no CUDA context or allocator cache), AdamW states in 32/16/8/4 bits,
 optional int8 weights, int64/int32/regenerated support, optional checkpointing, and the peak as
-the largest of a few moments of one training step (``MemoryBreakdown.phases``).
+the largest of a few moments of one training step (``MemoryBreakdown.phases``). ``world_size``
+gives one rank's bytes under FSDP2 (parameters, gradients and optimizer states sharded).
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from types import MappingProxyType
 from typing import Mapping, Union
@@ -245,7 +246,7 @@ def _resolve_config(model_config: ConfigLike) -> LlamaConfig:
 def memory_model(method: str = "sltrain", *, per_layer: bool = False, state_bits: int = 32,
                  weight_dtype: str = "bf16", weight_scale: str = "row", index_bytes: int = 4,
                  compute_dtype: str = "bf16", checkpointing: bool = False, foreach: bool = True,
-                 device: str = "cuda") -> MemoryBreakdown:
+                 device: str = "cuda", world_size: int = 1) -> MemoryBreakdown:
     """Symbolic memory of one AdamW training step of the LLaMA, in bytes.
 
     Args:
@@ -267,19 +268,28 @@ def memory_model(method: str = "sltrain", *, per_layer: bool = False, state_bits
             where the step is single-tensor anyway (``per_layer=True``, 8/4-bit states).
         device: ``"cuda"`` or ``"cpu"``: whose compiled torchao step transient is counted (8/4-bit
             states only; measured on the CPU, assumed on CUDA, see ``_LowBitStepBytes``).
+        world_size: ranks of ``--parallel fsdp2``; the breakdown is one rank's (``b`` is its
+            micro-batch). Each trainable tensor is sharded along its first dimension:
+            parameters, gradients and optimizer states count ``ceil(numel / world_size)``
+            elements per tensor (rank 0's shard when the rows split evenly; quantized states are
+            padded and thresholded per shard, as ``slcompile.optim`` does); the SLTrain support
+            (a buffer) and activations are not sharded. The backward also holds the largest
+            FSDP2 unit (the root: embedding, head, final norm; or one decoder layer) all-gathered
+            with its unsharded gradient, and the forward its all-gathered parameters (modeled,
+            not measured). Not with ``weight_dtype="int8"`` (int8 weights are not sharded).
 
     Cached: the same arguments return the same (immutable) breakdown.
     """
     _check_options(method, per_layer, state_bits, weight_dtype, weight_scale, index_bytes,
-                   compute_dtype, checkpointing, foreach, device)
+                   compute_dtype, checkpointing, foreach, device, world_size)
     # foreach only matters for a whole-model step of 16/32-bit states: one cache entry otherwise.
     foreach = foreach and not per_layer and state_bits >= 16
     return _memory_model(method, per_layer, state_bits, weight_dtype, weight_scale, index_bytes,
-                         compute_dtype, checkpointing, foreach, device)
+                         compute_dtype, checkpointing, foreach, device, world_size)
 
 
 def _check_options(method, per_layer, state_bits, weight_dtype, weight_scale, index_bytes,
-                   compute_dtype, checkpointing, foreach, device) -> None:
+                   compute_dtype, checkpointing, foreach, device, world_size) -> None:
     _choice("method", method, METHODS)
     check_bool("per_layer", per_layer)
     _choice("state_bits", state_bits, STATE_BITS)
@@ -290,6 +300,10 @@ def _check_options(method, per_layer, state_bits, weight_dtype, weight_scale, in
     check_bool("checkpointing", checkpointing)
     check_bool("foreach", foreach)
     _choice("device", device, DEVICES)
+    check_int("world_size", world_size, 1)
+    if world_size > 1 and weight_dtype == "int8":
+        raise ValueError("weight_dtype 'int8' with world_size > 1: int8 weights are not sharded by FSDP2 "
+                         "(slcompile refuses --int8-weights with --parallel)")
     if compute_dtype == "fp32" and weight_dtype == "bf16":
         raise ValueError("compute_dtype 'fp32' needs weight_dtype 'fp32' or 'int8', got weight_dtype 'bf16'")
 
@@ -329,14 +343,16 @@ def _linear_transient(method: str, c: int, int8: bool) -> sympy.Expr:
 @lru_cache(maxsize=None)
 def _memory_model(method: str, per_layer: bool, state_bits: int, weight_dtype: str,
                   weight_scale: str, index_bytes: int, compute_dtype: str,
-                  checkpointing: bool, foreach: bool, device: str) -> MemoryBreakdown:
+                  checkpointing: bool, foreach: bool, device: str, world_size: int) -> MemoryBreakdown:
     """Build :func:`memory_model`'s breakdown from validated options."""
     c = _DTYPE_BYTES[compute_dtype]
     int8 = weight_dtype == "int8"
     # Bytes per element of every non-int8 parameter and of every gradient (torchao's int8
     # weights get their gradients in the compute dtype).
     elem = c if int8 else _DTYPE_BYTES[weight_dtype]
-    tensors = _tensors(method)
+    full_tensors = _tensors(method)
+    # One rank's shard of every trainable tensor (FSDP2 shards along the first dimension).
+    tensors = [replace(t, numel=sympy.ceiling(t.numel / world_size)) for t in full_tensors]
     shapes = _linear_shapes()
     tokens = b * s
 
@@ -353,7 +369,7 @@ def _memory_model(method: str, per_layer: bool, state_bits: int, weight_dtype: s
 
     total_numel = sum(t.count * t.numel for t in tensors)
     largest_numel = _max(t.numel for t in tensors)
-    layer_numel = sum(t.numel for t in tensors if t.in_linear) + 2 * dim  # one decoder layer
+    layer_numel = sum(t.numel for t in full_tensors if t.in_linear) + 2 * dim  # one decoder layer
 
     parameters = sum(t.count * stored_bytes(t) for t in tensors)
     # The fixed support of S: one stored flat index per nonzero (none if regenerated).
@@ -400,14 +416,17 @@ def _memory_model(method: str, per_layer: bool, state_bits: int, weight_dtype: s
         optimizer_transient = _max(update_bytes(t) for t in tensors)
 
     persistent = parameters + support + optimizer_states
-    phases = {"forward_loss": persistent + saved + loss}
+    # FSDP2: the largest unit's all-gathered parameters (forward), with its unsharded gradient (backward).
+    gathered = elem * _max([2 * vocab * dim + dim, layer_numel]) if world_size > 1 else sympy.Integer(0)
+    transient = transient + 2 * gathered
+    phases = {"forward_loss": persistent + saved + gathered + loss}
     if per_layer:
         gradients = elem * largest_numel
         # The head's gradient arrives first: its update runs while every activation is saved,
         # the loss buffers are freed and the head's matmul backward has also produced the
         # gradient of its input, (tokens, dim) in the compute dtype.
         head = tensors[1]
-        phases["backward_head"] = (persistent + saved + c * tokens * dim
+        phases["backward_head"] = (persistent + saved + c * tokens * dim + 2 * gathered
                                    + elem * head.numel + update_bytes(head))
         # Then one decoder layer at a time: its backward transients, with one of its tensors'
         # gradient and update at once (counted with every activation still saved: an upper

@@ -104,6 +104,22 @@ def test_fewer_state_bits_fewer_state_bytes():
     assert states == sorted(states, reverse=True) and len(set(states)) == 4
 
 
+def test_world_size_shards_parameters_gradients_and_states():
+    # FSDP2 shards every trainable tensor along its first dimension: one rank holds about 1/8 of
+    # the parameters, gradients and 32-bit states; the support (a buffer) is not sharded.
+    one, eight = (estimate("llama-7b", "sltrain", 1, 256, per_layer=True, state_bits=32, world_size=w)
+                  for w in (1, 8))
+    assert estimate("llama-7b", "sltrain", 1, 256, per_layer=True, state_bits=32) == one
+    for term in ("parameters", "gradients", "optimizer_states"):
+        assert one[term] / 8 <= eight[term] < one[term] / 8 * 1.0001, term
+    assert eight["support"] == one["support"] and eight["activations"] == one["activations"]
+    assert eight["peak"] < one["peak"] / 2
+    # Quantization is decided per shard: 8 ranks cut a 64 x 64 tensor (4096 elements, quantized
+    # whole) into 512-element shards, which keep plain states of the parameter's dtype.
+    small = memory._Tensor(sympy.Integer(4096), sympy.Integer(1), sympy.Integer(64), False)
+    assert memory._LowBitStateBytes(sympy.ceiling(small.numel / 8), 8, 4) == 4 * 512
+
+
 def test_torchao_quantization_rule():
     # 4096 x 4096 is quantized (blocks of 256); int(0.05 * 4096 * 4096) = 838860 is not a
     # multiple of 256: slcompile.optim pads it to 838912 so its states are quantized too.
@@ -296,6 +312,8 @@ BAD_CALLS = [
     ("foreach", lambda: memory_model("sltrain", foreach=None)),
     ("device", lambda: memory_model("sltrain", device="tpu")),
     ("state_bits", lambda: memory_model("sltrain", state_bits=8.0)),
+    ("world_size", lambda: memory_model("sltrain", world_size=0)),
+    ("int8 weights are not sharded", lambda: memory_model("sltrain", weight_dtype="int8", world_size=2)),
     ("batch", lambda: estimate("llama-60m", "full", 0, 256)),
     ("seq", lambda: estimate("llama-60m", "full", 1, 2.5)),
     ("budget_bytes", lambda: plan(-1, "llama-60m")),

@@ -13,6 +13,10 @@ peak at the head's update). A wrong term of the model (one optimizer-step copy o
 head / embedding, 128 KiB) moves these cases by 6 % or more. The steady state (parameters +
 support + optimizer states, read from the tensors) must match the model to the byte, and so must
 the compiled 8-bit step's buffers live at the peak.
+
+World-size axis: per-rank bytes of parameter shards, gradient shards and optimizer states under
+FSDP2 on 2 gloo ranks (spawned processes, about 10 s) must match the model with ``world_size=2``
+to the byte (llama-tiny's tensors split into equal shards). The issue's tolerance is 2 %.
 """
 import importlib
 import os
@@ -79,3 +83,14 @@ def test_int8_weights_and_8bit_states_steady_state_is_exact():
         pred["parameters"], pred["support"], pred["optimizer_states"])
     assert r["model_options"] == dict(per_layer=True, state_bits=8, weight_dtype="int8", compute_dtype="fp32",
                                       index_bytes=4, foreach=False, device="cpu")
+
+
+@pytest.mark.parametrize("method", ["sltrain-adamw-loop", "sltrain-adamw8-loop"])  # 32- and 8-bit states
+def test_fsdp2_per_rank_shards_match_the_model(method):
+    r = memory_bench.measure_sharded("llama-tiny", method, 2, dtype="fp32", batch=1, seq=16, steps=2)
+    assert len(r["per_rank_bytes"]) == 2
+    for term in memory_bench.SHARDED_TERMS:
+        assert r["max_rank_bytes"][term] == r["predicted"][term], (term, r)
+        assert abs(r["rel_error"][term]) < TOLERANCE
+    single = memory_bench.predict("llama-tiny", memory_bench.METHODS[method], "fp32", 1, 16, "cpu")
+    assert r["max_rank_bytes"]["parameters"] * 2 == single["parameters"]  # halved: sharding happened
