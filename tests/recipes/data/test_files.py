@@ -129,6 +129,9 @@ def test_hash_split_by_document_is_stable(tmp_path, tokenizer_file):
     moved = load([tmp_path / "moved"], tokenizer_file, val_fraction=0.3)  # a folder stands for its files
     assert np.array_equal(moved.val_tokens, alone.val_tokens)
     assert np.array_equal(moved.train_tokens, alone.train_tokens)
+    given = load([tmp_path / "moved"], tokenizer_file, val_fraction=0.3, val_data=[str(tmp_path / "b.jsonl")])
+    assert np.array_equal(given.train_tokens, expected_tokens(given.tokenizer, DOCS))  # --val-data: no split
+    assert np.array_equal(given.val_tokens, expected_tokens(given.tokenizer, DOCS[::-1]))
 
 
 # ---------------------------------------------------------------------------------------- cache
