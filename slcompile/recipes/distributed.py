@@ -26,7 +26,8 @@ post-accumulate-grad hook), no update ever uses a local gradient:
   and then runs that parameter's post-accumulate-grad hooks (``foreach_reduce`` in
   ``torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py``): the shard is updated there and
   its gradient freed. With ``--grad-accum`` every micro-batch reduce-scatters (see
-  :func:`gradient_sync`), so only sharded gradients are kept between micro-batches.
+  :func:`gradient_sync`; so with any ``slcompile.optim`` optimizer, which counts the backward
+  passes in these hooks), so only sharded gradients are kept between micro-batches.
 - DDP: its bucketed all-reduce would finish after the hooks fire, so :func:`wrap` leaves the
   model unwrapped (parameters broadcast from rank 0 instead) and the optimizer averages each
   gradient over the ranks in its hook before using it (``data_parallel``).
@@ -284,8 +285,8 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Skip the gradient all-reduce/reduce-scatter inside the body unless ``enabled`` (gradient
-    accumulation: only the last micro-batch of a step communicates; with the per-layer optimizer
-    under FSDP2 pass ``True`` for every micro-batch: its hooks run after each reduce-scatter)."""
+    accumulation: only the last micro-batch of a step communicates; with ``slcompile.optim`` under
+    FSDP2 pass ``True`` for every micro-batch: its hooks run after each reduce-scatter)."""
     from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
     if isinstance(model, DistributedDataParallel) and not enabled:

@@ -574,7 +574,7 @@ def train_step(run: Run) -> tuple[float, Optional[float], float]:
         """All micro-batches of one update; the mean loss (run twice by two-pass clipping)."""
         loss_sum = 0.0
         for micro, (inputs, targets) in enumerate(micro_batches):
-            with distributed.gradient_sync(run.model, micro == cfg.grad_accum - 1 or cfg.per_layer):
+            with distributed.gradient_sync(run.model, micro == cfg.grad_accum - 1 or cfg.uses_memory_stack):
                 loss = run.model(inputs, targets)
                 (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach())
@@ -730,7 +730,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, ctx: DistContext = DistC
                                  weight_decay=cfg.weight_decay)
     return optim.build(model, lr=cfg.lr, lr_factors=cfg.lr_factors_mult, lr_values=cfg.lr_values_mult,
                        weight_decay=cfg.weight_decay, per_layer=cfg.per_layer,
-                       state_bits=cfg.state_bits, accumulation_steps=cfg.grad_accum if cfg.per_layer else 1,
+                       state_bits=cfg.state_bits, accumulation_steps=cfg.grad_accum,
                        max_grad_norm=cfg.clip if cfg.per_layer else None, int8_weights=cfg.int8_weights,
                        data_parallel=torch.distributed.group.WORLD if ctx.parallel == "ddp" and cfg.per_layer else None,
                        dense_state_dict=ctx.enabled, compile_step=cfg.compile_step)
