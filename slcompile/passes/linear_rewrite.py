@@ -9,7 +9,13 @@ Graph forms recognised as a linear ``y = x @ W.T + bias`` with ``W (out, in)``:
   with ``Wt = aten.t / aten.permute(.., [1, 0]) / aten.transpose(.., 0, 1)`` of a ``get_attr``, and
   ``aten.bmm.default(x, view(expand(Wt, [b, in, out])))``: what ``run_decompositions()`` makes of an
   exported ``aten.linear`` (the ``bmm`` form for a non-contiguous 3-D input; the ``view``s it puts around
-  the 2-D ``mm`` stay, ``sl_linear`` takes the same ``x`` as the matrix product).
+  the 2-D ``mm`` stay, ``sl_linear`` takes the same ``x`` as the matrix product);
+- GPT-2's ``Conv1D`` (``y = x @ W + bias``, ``W (in, out)``): ``aten.addmm(bias, view(x), W)`` (export) or
+  ``torch.addmm`` (symbolic_trace), ``mm`` without bias, with ``W`` a plain ``get_attr`` of a parameter (no
+  transpose). Rewritten as the linear with weight ``W^T`` only when the weight's owner is a ``Conv1D``: the
+  module itself, or the class the node's ``nn_module_stack`` records (tracing and export keep weights in
+  bare ``nn.Module`` holders). Any other parameter read as ``x @ W`` stays dense with a reason: nothing
+  says it is a linear layer's weight (``transform`` keeps it too).
 
 A node is rewritten when its weight is a ``get_attr`` of an ``nn.Parameter`` of the GraphModule (or the
 weight of the called ``nn.Linear``) and the selection rules of :func:`slcompile.transform` pick it
@@ -23,9 +29,10 @@ parameter called ``weight`` (``"layers.0.q_proj"`` for ``"layers.0.q_proj.weight
 ``call_module``), else the parameter's full path (``"mlp.w1"``: one module may hold several functional
 weights). A traced or exported model thus gets exactly the supports ``transform`` gives the eager one.
 
-Rewrite: an ``SLLinear`` from :func:`~slcompile.transform.build_sl_linear` is installed at the layer name,
-replacing the owner when it is an ``nn.Linear`` or a bare holder module with nothing but ``weight`` and
-``bias`` (the bias moves into the ``SLLinear`` at the same path, as ``transform`` does), otherwise at the
+Rewrite: an ``SLLinear`` from :func:`~slcompile.transform.build_sl_linear` is installed at the layer name
+(``dense_cls`` = the owner's class where it is linear-like, so ``merge`` and the report name a ``Conv1D``),
+replacing the owner when it is an ``nn.Linear``, a ``Conv1D`` or a bare holder module with nothing but
+``weight`` and ``bias`` (the bias moves into the ``SLLinear`` at the same path, as ``transform`` does), otherwise at the
 weight's own path (the parameter becomes that submodule). Each use becomes
 ``sl_linear(x, <path>.A, <path>.B, <path>.values, <path>.support, scale, bias)`` and the dense weight is
 deleted. A weight read by several linear nodes (a module called twice) is replaced once and shared by
@@ -33,13 +40,17 @@ all of them; a weight that any other node reads (or a module called as a whole) 
 
 Left dense, with a reason in ``report.kept`` (under the layer name, or ``"node <name>"`` when the weight
 has none): weights computed at run time or passed as graph inputs (placeholders), buffers and constants,
-parametrized weights, the rules of ``transform``. Not recognised as linears at all: ``x @ W.T`` written
-as ``matmul`` / ``operator.matmul`` (symbolic_trace of ``x @ self.w.T``), ``mm``/``bmm`` whose second
-operand is not a transposed ``get_attr`` as above, ``addmm`` with ``beta``/``alpha`` != 1. The inserted
-op does no autocast: dtypes are whatever the graph's own casts make them.
+parametrized weights, a parameter read as ``x @ W`` whose owner is no ``Conv1D``, a ``Conv1D`` weight
+read as ``x @ W.T``, a weight read both ways, the rules of ``transform``. Not recognised as linears at
+all: ``x @ W.T`` written as ``matmul`` / ``operator.matmul`` / ``.t()`` methods (symbolic_trace of
+``x @ self.w.T``), ``mm``/``addmm`` whose second operand is neither a transposed ``get_attr`` as above
+nor a plain ``get_attr`` of a parameter (``x @ buffer`` is a table lookup, not a layer), ``bmm`` of an
+untransposed weight, ``addmm`` with ``beta``/``alpha`` != 1. The inserted op does no autocast: dtypes
+are whatever the graph's own casts make them.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from functools import reduce
 
@@ -49,14 +60,17 @@ from torch.nn import functional as F
 
 from slcompile.config import SLConfig
 from slcompile.layers import SLLinear
-from slcompile.transform import (TransformReport, count_parameters, shared_weights, swap_module, build_sl_linear,
-                                 check_targets_used, describe, linear_keep_reason, linear_wrapped_reason)
+from slcompile.transform import (LINEAR_KINDS, TransformReport, count_parameters, shared_weights, swap_module,
+                                 build_sl_linear, check_targets_used, describe, linear_keep_reason, linear_kind,
+                                 linear_wrapped_reason)
 from slcompile.passes.nodes import SL_LINEAR
 
 __all__ = ["rewrite_linears"]
 
 aten = torch.ops.aten
 _LINEAR_FNS = {F.linear, aten.linear.default}  # (input, weight, bias=None); F.linear is torch._C._nn.linear
+_MM = {aten.mm.default, torch.mm}  # torch.*: symbolic_trace of Conv1D's torch.addmm(bias, x, W)
+_ADDMM = {aten.addmm.default, torch.addmm}
 _EMBEDDING_WEIGHT_ARG = {F.embedding: 1, aten.embedding.default: 0}
 _PARAMETRIZED = "module is parametrized (torch.nn.utils.parametrize)"
 # Where each linear form takes its input and bias: (position, keyword).
@@ -74,10 +88,11 @@ class _LinearNode:
 
     node: fx.Node
     form: str  # a key of _INPUT_AND_BIAS
-    weight: object = None  # node giving W (out, in); None for a call_module
+    weight: object = None  # node giving W (out, in), or W^T (in, out) if transposed; None for a call_module
     weight_chain: tuple[fx.Node, ...] = ()  # nodes from the linear node back to W: t(W) for an mm, ...
     module: str | None = None  # the called nn.Linear (call_module)
     module_bias: str | None = None  # path of that nn.Linear's bias, if it has one
+    transposed: bool = False  # x @ W for a weight stored (in, out), as GPT-2's Conv1D does
 
     @property
     def x(self) -> fx.Node:
@@ -134,20 +149,28 @@ def _as_linear(gm: fx.GraphModule, node: fx.Node) -> _LinearNode | None:
         return None
     if node.target in _LINEAR_FNS:
         return _LinearNode(node, "linear", _arg(node, 1, "weight"))
-    if node.target is aten.mm.default:
+    if node.target in _MM:
         form, chain = "mm", [_arg(node, 1, "mat2")]
-    elif node.target is aten.addmm.default and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1:
+    elif node.target in _ADDMM and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1:
         form, chain = "addmm", [_arg(node, 2, "mat2")]
     elif node.target is aten.bmm.default:
         form, chain = "bmm", _batch_broadcast(_arg(node, 1, "mat2"))
     else:
         return None
     weight = _untransposed(chain[-1]) if chain else None
+    if weight is None and form != "bmm" and _is_parameter(gm, chain[-1]):
+        return _LinearNode(node, form, chain[-1], transposed=True)  # x @ W, W (in, out): Conv1D
     if weight is None:
         return None
     if form == "bmm" and not _broadcasts_matrix(gm, chain[-2], weight):
         return None
     return _LinearNode(node, form, weight, tuple(chain))
+
+
+def _is_parameter(gm: fx.GraphModule, node) -> bool:
+    """``node`` is a ``get_attr`` of an ``nn.Parameter`` (a buffer read as ``x @ buf`` is no linear weight)."""
+    return (isinstance(node, fx.Node) and node.op == "get_attr"
+            and isinstance(_fetch(gm, node.target), nn.Parameter))
 
 
 def _batch_broadcast(node) -> list[fx.Node]:
@@ -224,11 +247,55 @@ def _keep_reason(gm: fx.GraphModule, layer: _Layer, cfg: SLConfig, tied: set[int
     if wrapped is None and weight.dim() != 2:
         wrapped = f"weight has shape {tuple(weight.shape)}, not (out, in)"
     if wrapped is None:
+        wrapped = _layout_reason(gm, layer)
+    if wrapped is None:
         wrapped = _stray_use(gm, layer)
-    if wrapped is None and any(not _is_vector(gm, use.bias, weight.shape[0]) for use in layer.uses
+    if wrapped is None and any(not _is_vector(gm, use.bias, weight.shape[int(use.transposed)]) for use in layer.uses
                                if use.form == "addmm"):
         wrapped = "addmm bias is not an (out,) vector"
     return linear_keep_reason(name, weight, cfg, tied, shared, wrapped)
+
+
+def _owner_class(gm: fx.GraphModule, layer: _Layer) -> type | None:
+    """The class of the module owning ``layer``'s weight: the module itself where the graph keeps it (a
+    ``call_module``, a hand-built graph), else the class its linear nodes' ``nn_module_stack`` records
+    (``symbolic_trace`` and ``torch.export`` keep the weight in a bare ``nn.Module`` holder); None if unknown."""
+    owner_path = layer.path.rpartition(".")[0]
+    owner = gm.get_submodule(owner_path)
+    if type(owner) is not nn.Module and not isinstance(owner, fx.GraphModule):
+        return type(owner)
+    for use in layer.uses:
+        for path, cls in use.node.meta.get("nn_module_stack", {}).values():
+            if path == owner_path and isinstance(cls, str):  # torch.export: "package.module.Class"
+                module_name, _, name = cls.rpartition(".")
+                cls = getattr(sys.modules.get(module_name), name, None)  # already imported by the model
+            if path == owner_path and isinstance(cls, type):
+                return cls
+    return None
+
+
+def _stores_transposed(cls: type | None) -> bool:
+    """Modules of ``cls`` store their weight ``(in, out)`` and compute ``x @ W`` (GPT-2's ``Conv1D``)."""
+    return cls is not None and any(kind.name == "Conv1D" and kind.of_class(cls) for kind in LINEAR_KINDS)
+
+
+def _layout_reason(gm: fx.GraphModule, layer: _Layer) -> str | None:
+    """Why ``layer``'s weight is not read the way its owner stores it, or None.
+
+    ``x @ W`` is a linear with weight ``W^T`` only for a ``Conv1D`` weight: any other parameter read that way
+    (an ``(in, out)`` functional weight, an attention table) is not known to be a linear layer's, so it stays
+    dense, as ``transform`` keeps it; and a ``Conv1D`` weight read as ``x @ W.T`` is no ``Conv1D`` product.
+    """
+    ways = {use.transposed for use in layer.uses}
+    if ways == {True, False}:
+        return "weight read both as x @ W.T (nn.Linear layout) and as x @ W (Conv1D layout)"
+    cls = _owner_class(gm, layer)
+    owner = "a module of unknown class" if cls is None else cls.__name__
+    if ways == {True} and not _stores_transposed(cls):
+        return f"weight of {owner} read as x @ W: only a Conv1D weight is taken as a linear (in, out) weight"
+    if ways == {False} and _stores_transposed(cls):
+        return "Conv1D weight (in, out) read as x @ W.T"
+    return None
 
 
 def _is_vector(gm: fx.GraphModule, node, size: int) -> bool:
@@ -278,9 +345,9 @@ def _select(gm: fx.GraphModule, cfg: SLConfig) -> tuple[list[tuple[str, _Layer]]
 
 def _replaceable_owner(gm: fx.GraphModule, owner_path: str) -> bool:
     """True if the module at ``owner_path`` holds nothing but ``weight``/``bias`` parameters, which the
-    graph reads only through them (an ``nn.Linear`` or a bare holder made by tracing/export)."""
+    graph reads only through them (an ``nn.Linear``, a ``Conv1D`` or a bare holder made by tracing/export)."""
     owner = gm.get_submodule(owner_path)
-    if not (isinstance(owner, nn.Linear) or type(owner) is nn.Module):
+    if not (linear_kind(owner) is not None or type(owner) is nn.Module):
         return False
     if next(owner.children(), None) is not None or next(owner.buffers(recurse=False), None) is not None:
         return False
@@ -297,12 +364,17 @@ def _install(gm: fx.GraphModule, name: str, layer: _Layer, cfg: SLConfig) -> tup
     owner_path, _, attr = layer.path.rpartition(".")
     replace_owner = bool(owner_path) and attr == "weight" and _replaceable_owner(gm, owner_path)
     bias = dict(gm.get_submodule(owner_path).named_parameters(recurse=False)).get("bias") if replace_owner else None
+    if layer.uses[0].transposed:  # W (in, out): the template holds W^T (out, in), as transform's Conv1D view
+        weight = nn.Parameter(weight.detach().t(), requires_grad=weight.requires_grad)
     out_features, in_features = weight.shape
     template = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
     template.weight = weight  # build_sl_linear reads shape, device, dtype and bias from its template
     if bias is not None:
         template.bias = bias
     sl = build_sl_linear(name, template, cfg)
+    owner_cls = _owner_class(gm, layer) if attr == "weight" else None
+    if owner_cls is not None and any(kind.of_class(owner_cls) for kind in LINEAR_KINDS):
+        sl.dense_cls = owner_cls  # merge gives back this kind of module, the report names it
     if not replace_owner:
         delattr(gm.get_submodule(owner_path), attr)  # the parameter's slot becomes the SLLinear submodule
     path = owner_path if replace_owner else layer.path

@@ -1,7 +1,8 @@
 """rewrite_linears: the FX pass agrees with ``transform`` (same layers, bitwise-equal supports, same
 outputs and gradients) and with a float64 dense reference, on hand-built graphs, ``symbolic_trace``,
 functional ``F.linear`` code, ``torch.export(...).module()`` (also decomposed to ``mm``/``addmm``), a
-tiny LLaMA written here and HF ``LlamaForCausalLM``."""
+tiny LLaMA written here, GPT-2's ``Conv1D`` (``x @ W``, ``W (in, out)``) and HF ``LlamaForCausalLM`` /
+``GPT2LMHeadModel``."""
 import copy
 import dataclasses
 import math
@@ -16,6 +17,7 @@ from torch.nn.utils import parametrize
 from slcompile import SLConfig, SLLinear, transform
 from slcompile.passes import rewrite_linears
 from slcompile.passes.nodes import SL_LINEAR
+from slcompile.transform import linear_kind
 
 aten = torch.ops.aten
 dims = st.integers(1, 9)
@@ -67,8 +69,8 @@ def dense_reference(model: nn.Module, layers: dict[str, SLLinear]) -> nn.Module:
     for name, layer in layers.items():
         w_ref = layer.scale * layer.B.detach().double() @ layer.A.detach().double()
         w_ref.view(-1)[layer.support.long()] += layer.values.detach().double()
-        linear = ref.get_submodule(name)  # an nn.Linear at every layer name of the eager models here
-        linear.weight = nn.Parameter(w_ref)
+        linear = ref.get_submodule(name)  # an nn.Linear or a Conv1D (weight W^T) at every layer name here
+        linear.weight = nn.Parameter(w_ref.t() if linear_kind(linear).name == "Conv1D" else w_ref)
         if layer.bias is not None:
             linear.bias = nn.Parameter(layer.bias.detach().double())
     return ref
@@ -557,3 +559,102 @@ def test_hf_llama_export():
     gm = torch.export.export(model, (ids,)).module()
     gm, report = check_against_transform(gm, model, SLConfig(rank=4, alpha=16.0, density=0.05, seed=11), (ids,))
     assert len(report.replaced) == 2 * 7 and report.kept == {"m.lm_head": "output head (SLConfig.head_names)"}
+
+
+# ---------------------------------------------------------------- GPT-2's Conv1D: x @ W with W (in, out)
+
+class Conv1D(nn.Module):
+    """GPT-2's ``Conv1D`` (``transformers.pytorch_utils``) written here: ``y = x @ W + b``, ``W (nx, nf)``."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) / math.sqrt(nx))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(x.size()[:-1] + (self.nf,))
+
+
+class ConvMLP(nn.Module):
+    def __init__(self, d=6, hidden=10):
+        super().__init__()
+        self.c_fc, self.c_proj = Conv1D(hidden, d), Conv1D(d, hidden)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+@pytest.mark.parametrize("tracer", ["symbolic_trace", "export"])
+def test_conv1d_mlp(tracer):
+    torch.manual_seed(0)
+    model, x = ConvMLP(), torch.randn(2, 3, 6)
+    gm = fx.symbolic_trace(model) if tracer == "symbolic_trace" else torch.export.export(model, (x,)).module()
+    gm, report = check_against_transform(gm, model, SLConfig(rank=2, density=0.2, seed=4), (x,))
+    assert [(layer.name, layer.kind) for layer in report.replaced] == [("c_fc", "Conv1D"), ("c_proj", "Conv1D")]
+    assert all(layer.dense_cls is Conv1D for layer in sl_layers(gm).values())
+    assert (gm.c_fc.out_features, gm.c_fc.in_features) == (10, 6)  # W^T (out, in), as transform makes it
+
+
+def test_weights_read_as_x_at_w_outside_conv1d_stay_dense():
+    root = nn.Module()
+    root.conv, root.odd = Conv1D(5, 4), Conv1D(4, 4)  # the GraphModule keeps their weights in bare holders
+    root.mix = nn.Module()
+    root.mix.w = _p(4, 3)  # a functional (in, out) weight of a plain module
+    root.both = nn.Module()
+    root.both.weight = _p(4, 4)
+    root.register_buffer("table", torch.randn(4, 2))
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    conv = graph.call_function(aten.addmm.default, (graph.get_attr("conv.bias"), x, graph.get_attr("conv.weight")))
+    odd = graph.call_function(aten.linear.default, (x, graph.get_attr("odd.weight")))
+    mix = graph.call_function(aten.mm.default, (x, graph.get_attr("mix.w")))
+    both_w = graph.get_attr("both.weight")
+    both = graph.call_function(aten.mm.default, (graph.call_function(aten.mm.default, (x, both_w)),
+                                                 graph.call_function(aten.t.default, (both_w,))))
+    table = graph.call_function(aten.mm.default, (x, graph.get_attr("table")))
+    graph.output((conv, odd, mix, both, table))
+    for node, path in ((conv, "conv"), (odd, "odd")):  # the owner's class, as tracers record it
+        node.meta["nn_module_stack"] = {path: (path, Conv1D)}
+    gm = fx.GraphModule(root, graph)
+    inputs = torch.randn(3, 4)
+    expected = [t.detach().clone() for t in gm(inputs)]
+
+    gm, report = rewrite_linears(gm, SLConfig(rank=2, density=0.25))
+    assert [(layer.name, layer.kind, layer.has_bias) for layer in report.replaced] == [("conv", "Conv1D", True)]
+    assert report.kept == {  # "table" is a buffer: no linear weight at all, not listed
+        "odd": "Conv1D weight (in, out) read as x @ W.T",
+        "mix.w": "weight of a module of unknown class read as x @ W: only a Conv1D weight is taken as a linear "
+                 "(in, out) weight",
+        "both": "weight read both as x @ W.T (nn.Linear layout) and as x @ W (Conv1D layout)",
+    }
+    assert isinstance(gm.conv, SLLinear) and gm.conv.dense_cls is Conv1D and gm.conv.out_features == 5
+    out = gm(inputs)
+    for got, want in zip(out[1:], expected[1:]):
+        torch.testing.assert_close(got, want)
+    w_ref = torch.zeros(5, 4, dtype=torch.float64)  # B = 0 at init: the layer is S plus the moved bias
+    w_ref.view(-1)[gm.conv.support.long()] += gm.conv.values.detach().double()
+    torch.testing.assert_close(out[0].double(), inputs.double() @ w_ref.T + gm.conv.bias.detach().double())
+
+
+def test_hf_gpt2_export():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=48, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = transformers.GPT2LMHeadModel(config).eval()
+
+        def forward(self, input_ids):
+            return self.m(input_ids=input_ids, use_cache=False).logits
+
+    model, ids = Logits(), torch.randint(0, 48, (1, 6))
+    gm = torch.export.export(model, (ids,)).module()
+    gm, report = check_against_transform(gm, model, SLConfig(rank=4, alpha=16.0, density=0.05, seed=11), (ids,))
+    assert len(report.replaced) == 2 * 4 and {layer.kind for layer in report.replaced} == {"Conv1D"}
+    assert report.kept == {"m.lm_head": "output head (SLConfig.head_names)"}
+    assert "SL  m.transformer.h.0.attn.c_attn (Conv1D): 48x16" in str(report)
+    assert sl_layers(gm)["m.transformer.h.1.mlp.c_fc"].dense_cls is transformers.pytorch_utils.Conv1D
