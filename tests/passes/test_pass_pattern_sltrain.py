@@ -342,11 +342,33 @@ class SparseLinearFunction(torch.autograd.Function):
         x, A, B, values, indices = ctx.saved_tensors
         weight = B.mm(A) * ctx.scaling
         weight.view(-1).scatter_add_(0, indices, values)
-        dy, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
-        d_weight = dy.t() @ x2  # dW = dY^T X, (out, in)
-        d_bias = dy.sum(0) if ctx.has_bias else None
-        return (grad_out @ weight, ctx.scaling * B.t() @ d_weight, ctx.scaling * d_weight @ A.t(),
-                d_weight.view(-1)[indices], None, None, d_bias)
+        return _grads(ctx, grad_out, x, weight, A, B, indices)
+
+
+def _grads(ctx, grad_out, x, weight, A, B, indices):
+    """Gradients for ``(x, A, B, values, indices, scaling, bias)``: ``dW = dY^T X``, ``dA = s B^T dW``,
+    ``dB = s dW A^T``, ``dvalues = dW.view(-1)[indices]``."""
+    dy, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+    d_weight = dy.t() @ x2
+    d_bias = dy.sum(0) if ctx.has_bias else None
+    return (grad_out @ weight, ctx.scaling * B.t() @ d_weight, ctx.scaling * d_weight @ A.t(),
+            d_weight.view(-1)[indices], None, None, d_bias)
+
+
+class SavedWeightFunction(torch.autograd.Function):
+    """A variant saving ``W`` for its backward, built as ``(B @ A) * s`` with ``index_put_``."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, values, indices, scaling, bias):
+        weight = (B @ A) * scaling
+        weight.view(-1).index_put_((indices,), values, accumulate=True)
+        ctx.save_for_backward(x, weight, A, B, indices)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _grads(ctx, grad_out, *ctx.saved_tensors)
 
 
 class AuthorsLinear(nn.Module):
@@ -368,6 +390,10 @@ class AuthorsLinear(nn.Module):
             return SparseLinearFunction.apply(x, self.lora_A, self.lora_B, self.values, self.indices, self.scaling,
                                               self.bias)
         return self.body(self, x)
+
+
+def saved_weight(m, x):
+    return SavedWeightFunction.apply(x, m.lora_A, m.lora_B, m.values, m.indices, m.scaling, m.bias)
 
 
 def plain_ops(m, x):  # their forward without the autograd.Function
@@ -401,7 +427,7 @@ def dynamo_pass(model: nn.Module, x: torch.Tensor) -> tuple[list[fx.GraphModule]
     return graphs, rewrite
 
 
-@pytest.mark.parametrize("body, bias", [(None, True), (None, False), (plain_ops, True)])
+@pytest.mark.parametrize("body, bias", [(None, True), (None, False), (saved_weight, True), (plain_ops, True)])
 def test_authors_layer_through_dynamo(body, bias):
     model = AuthorsLinear(10, 6, 3, 12, bias=bias, body=body)
     (gm,), rewrite = dynamo_pass(model, torch.randn(2, 4, 10, dtype=torch.float64))
