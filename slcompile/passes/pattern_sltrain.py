@@ -165,10 +165,14 @@ def _function_output(node: fx.Node) -> tuple[fx.GraphModule, fx.Node, tuple] | N
     """``(forward graph module, its output, consumer)`` if the ``autograd_function_apply`` ``node`` (an
     ``autograd.Function`` as Dynamo records it) returns one tensor that its forward computes by a linear
     (``_consumer``); the forward output is ``((out,), saved_for_backward)``."""
-    forward = getattr(node.graph.owning_module, node.args[0].target, None)
+    body = node.args[0] if node.args else None
+    if not (isinstance(body, fx.Node) and body.op == "get_attr"):
+        return None
+    forward = getattr(node.graph.owning_module, body.target, None)
     if not isinstance(forward, fx.GraphModule):
         return None
-    outputs = forward.graph.output_node().args[0][0]
+    result = forward.graph.output_node().args[0]
+    outputs = result[0] if isinstance(result, (tuple, list)) and result else None
     if not isinstance(outputs, (tuple, list)) or len(outputs) != 1:
         return None
     consumer = _consumer(outputs[0])
@@ -452,6 +456,7 @@ def _rewrite_function(graph: fx.Graph, apply: fx.Node, match: _Match) -> None:
     for body in bodies:
         if not body.users:
             graph.erase_node(body)
+        if not graph.find_nodes(op="get_attr", target=body.target):  # Dynamo may share a body between calls
             graph.owning_module.delete_submodule(body.target)
 
 

@@ -474,3 +474,10 @@ def test_authors_function_through_the_slcompile_backend():
     torch.testing.assert_close(outputs_and_grads(compiled, x), outputs_and_grads(model, x), rtol=1e-10, atol=1e-10)
     report = last_report()
     assert report.counts()["pattern_sltrain"] == {"graphs": 1, "sl_linear": 1}, report.notes()
+
+
+def test_two_calls_of_the_authors_function():
+    model = nn.Sequential(AuthorsLinear(10, 10, 3, 12), nn.Tanh(), AuthorsLinear(10, 6, 3, 12))
+    (gm,), rewrite = dynamo_pass(model, torch.randn(4, 10, dtype=torch.float64))
+    assert rewrite.counts["sl_linear"] == 2 and len(sl_nodes(gm)) == 2, rewrite.notes
+    assert not any(isinstance(m, fx.GraphModule) for m in gm.children())
