@@ -56,19 +56,21 @@ def param_groups(model: nn.Module, lr: float, *, lr_factors: float = 1.0,
     One group ``{"params", "lr": lr}`` when both multipliers are 1 (the layout of a plain
     ``AdamW(model.parameters())``, so checkpoints keep their indices); otherwise up to three, in
     this order: every other parameter at ``lr``, ``A``/``B`` at ``lr * lr_factors``, ``values`` at
-    ``lr * lr_values`` (empty groups are left out). An LR scheduler scales each group's own
+    ``lr * lr_values``. Empty groups are left out (no trainable parameter: ``[]``, which torch
+    optimizers refuse as an empty parameter list). An LR scheduler scales each group's own
     initial LR, so the ratios hold through the schedule.
     """
     check_number("lr_factors", lr_factors, 0.0)
     check_number("lr_values", lr_values, 0.0)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if lr_factors == 1.0 and lr_values == 1.0:
-        return [{"params": trainable, "lr": lr}]
-    factors, values = factor_params(model)
-    special = {id(p) for p in factors + values}
-    groups = [([p for p in trainable if id(p) not in special], lr),
-              ([p for p in factors if p.requires_grad], lr * lr_factors),
-              ([p for p in values if p.requires_grad], lr * lr_values)]
+        groups = [(trainable, lr)]
+    else:
+        factors, values = factor_params(model)
+        special = {id(p) for p in factors + values}
+        groups = [([p for p in trainable if id(p) not in special], lr),
+                  ([p for p in factors if p.requires_grad], lr * lr_factors),
+                  ([p for p in values if p.requires_grad], lr * lr_values)]
     return [{"params": params, "lr": group_lr} for params, group_lr in groups if params]
 
 
