@@ -1,7 +1,10 @@
 """SLTrainPatternPass on hand-built FX graphs (symbolic_trace + fake values, as Dynamo's graphs carry).
 
 Each case traces a module that writes SLTrain with ordinary ops, runs the pass, and checks the
-rewritten graph calls ``slcompile::sl_linear`` and computes the same outputs and gradients.
+rewritten graph calls ``slcompile::sl_linear`` and computes the same outputs and gradients. The
+SLTrain authors' layer (re-created here: their ``autograd.Function`` and their forward as plain ops
+with an in-place scatter) goes through Dynamo with a backend that only runs the pass, and once
+through the ``slcompile`` backend, in float64.
 """
 from __future__ import annotations
 
@@ -427,6 +430,7 @@ def dynamo_pass(model: nn.Module, x: torch.Tensor) -> tuple[list[fx.GraphModule]
     return graphs, rewrite
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("body, bias", [(None, True), (None, False), (saved_weight, True), (plain_ops, True)])
 def test_authors_layer_through_dynamo(body, bias):
     model = AuthorsLinear(10, 6, 3, 12, bias=bias, body=body)
@@ -446,6 +450,7 @@ class ScaledInputFunction(SparseLinearFunction):
         return SparseLinearFunction.forward(ctx, 2 * x, A, B, values, indices, scaling, bias)
 
 
+@pytest.mark.compile
 def test_other_autograd_function_is_left_with_a_note():
     model = AuthorsLinear(10, 6, 3, 12)
     torch._dynamo.reset()
@@ -476,6 +481,7 @@ def test_authors_function_through_the_slcompile_backend():
     assert report.counts()["pattern_sltrain"] == {"graphs": 1, "sl_linear": 1}, report.notes()
 
 
+@pytest.mark.compile
 def test_two_calls_of_the_authors_function():
     model = nn.Sequential(AuthorsLinear(10, 10, 3, 12), nn.Tanh(), AuthorsLinear(10, 6, 3, 12))
     (gm,), rewrite = dynamo_pass(model, torch.randn(4, 10, dtype=torch.float64))
