@@ -384,4 +384,4 @@ def _copy_tokens(paths: Sequence[Path], dtype: str, vocab_size: int, cache: Path
                     block.astype(out).tofile(f)
                     position += len(block)
 
-    return _cached_shard(split, ["tokens", file_identity(paths), dtype, str(out)], write, out, vocab_size, cache)
+    return _cached_shard(split, ["tokens", file_identity(paths), dtype, vocab_size], write, out, vocab_size, cache)
