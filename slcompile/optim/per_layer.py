@@ -158,12 +158,9 @@ class _Slot:
             value = state.get(name)
             if value is None:
                 local = torch.zeros(self.local_shape, dtype=self.param.dtype, device=self.param.device)
-            elif not self.stand_in:
-                dense[name] = value
-                continue
             else:
-                plain = value.dequantize() if type(value) is not Tensor else value
-                local = plain.reshape(-1)[:plain.numel() - self.padding].view(self.local_shape).to(self.param.dtype)
+                plain = value if type(value) is Tensor else value.dequantize()  # torchao's subclasses
+                local = plain.reshape(-1)[:math.prod(self.local_shape)].view(self.local_shape).to(self.param.dtype)
             dense[name] = (DTensor.from_local(local, self.param.device_mesh, self.param.placements, run_check=False,
                                               shape=self.param.shape, stride=self.param.stride())
                            if self.sharded else local)
@@ -171,11 +168,14 @@ class _Slot:
 
     def load_dense_state(self, dense: dict[str, Tensor]) -> dict[str, Tensor]:
         """The inner optimizer's state from :meth:`dense_state`'s layout (requantized on this
-        slot's blocks: a checkpoint of another world size may have cut the blocks elsewhere)."""
-        if not self.stand_in:
+        slot's blocks: a checkpoint of another world size may have cut the blocks elsewhere).
+        Buffers come from torchao's ``_new_buffer`` (private, torchao 0.18), so the quantize-or-not
+        rule is the one of its first step."""
+        if self.state_bits == 32 and not self.stand_in:
             return dense
         state = {"step": dense["step"]}
-        self.key.data = self._padded(self._value())  # _new_buffer reads the key's length and device
+        if self.stand_in:
+            self.key.data = self._padded(self._value())  # _new_buffer reads the key's length and device
         try:
             for name in STATE_KEYS:
                 value = self._padded(_local(dense[name]).to(self.key.dtype))
@@ -185,7 +185,8 @@ class _Slot:
                     state[name] = self.inner._new_buffer(self.key, signed=name == "exp_avg")
                     state[name].copy_(value)
         finally:
-            self.key.data = self._empty()
+            if self.stand_in:
+                self.key.data = self._empty()
         return state
 
 

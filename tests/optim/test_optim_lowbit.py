@@ -104,6 +104,46 @@ def test_resume_8bit_equals_uninterrupted():
                                b.dequantize() if hasattr(b, "dequantize") else b)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dense_state_dict_has_parameter_shaped_states_and_requantizes_on_load(bits):
+    # What DCP saves under --parallel: every state as a tensor of its parameter's shape and dtype
+    # (padding cut, zeros for a parameter never stepped); loading requantizes it on this
+    # optimizer's blocks. torchao's signed map stops short of -1, so a block whose largest
+    # magnitude is negative can come back one code off: exp_avg within one 8/4-bit step.
+    batches = data(3)
+    model = wide_model()
+    model.extra = nn.Parameter(torch.ones(8))  # gets no gradient: never steps
+    opt = build(model, lr=1e-2, state_bits=bits, compile_step=False, dense_state_dict=True)
+    train(model, opt, batches[:2])
+    dense = save_load(opt.state_dict())
+    params = list(model.parameters())
+    assert len(dense["state"]) == len(params)
+    for index, param in enumerate(params):
+        state = dense["state"][index]
+        assert {k: (v.shape, v.dtype, type(v)) for k, v in state.items() if k != "step"} == {
+            k: (param.shape, param.dtype, torch.Tensor) for k in ("exp_avg", "exp_avg_sq")}
+    (extra,) = [dense["state"][i] for i, p in enumerate(params) if p is model.extra]
+    assert float(extra["step"]) == 0 and not extra["exp_avg"].any() and not extra["exp_avg_sq"].any()
+
+    resumed = wide_model()
+    resumed.extra = nn.Parameter(torch.ones(8))
+    resumed.load_state_dict(model.state_dict())
+    resumed_opt = build(resumed, lr=1e-2, state_bits=bits, compile_step=False, dense_state_dict=True)
+    resumed_opt.load_state_dict(dense)
+    assert isinstance(resumed_opt.state[resumed.values]["exp_avg"], STATE_CLASSES[bits])  # quantized again, padded
+    again = resumed_opt.state_dict()["state"]
+    step = {8: 2 / 127, 4: 2 / 7}[bits]  # widest gap of torchao's signed map, relative to the block scale
+    for index in dense["state"]:
+        before, after = dense["state"][index], again[index]
+        assert float(after["step"]) == float(before["step"])
+        torch.testing.assert_close(after["exp_avg_sq"], before["exp_avg_sq"], rtol=0, atol=0)
+        assert (after["exp_avg"] - before["exp_avg"]).abs().max() <= step * before["exp_avg"].abs().max()
+    train(model, opt, batches[2:])
+    train(resumed, resumed_opt, batches[2:])
+    # One step moves a weight by about lr = 1e-2; the requantized moments move it by a fraction of that.
+    assert_same_params(model, resumed, atol={8: 1e-3, 4: 3e-3}[bits])
+
+
 @pytest.mark.compile
 @pytest.mark.slow  # compiles torchao's step
 def test_compiled_step_inside_backward_hook():
