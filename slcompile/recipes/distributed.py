@@ -34,7 +34,10 @@ post-accumulate-grad hook), no update ever uses a local gradient:
 
 Optimizer states (quantized ones too) are checkpointed as dense tensors of their parameter's
 shape (``DTensor`` shards under FSDP2), so DCP reshards them to any world size.
-Not supported: ``--int8-weights`` under ``--parallel`` (refused by ``train.py``).
+``--int8-weights`` (an ``Int8Weight`` is stepped like any parameter there: averaged gradient, then
+dequantize, step, stochastic requantize; every rank draws the same rounding noise from the same
+seed) works with DDP and ``--per-layer`` only: FSDP2 would shard and all-gather it as floats, and
+DDP's own all-reduce is not used with it (refused by ``train.py``).
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ from torch import Tensor, nn
 
 from slcompile.recipes.files import atomic_path
 from slcompile.layers import SLLinear
+from slcompile.optim.int8_weights import Int8Weight
 
 PARALLEL_MODES = ("none", "ddp", "fsdp2")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -254,7 +258,8 @@ def wrap(model: nn.Module, ctx: DistContext, per_layer: bool = False) -> nn.Modu
     if ctx.parallel == "ddp" and per_layer:
         with torch.no_grad():
             for param in model.parameters():
-                dist.broadcast(param, src=0)
+                for tensor in (param.codes, param.scale) if isinstance(param, Int8Weight) else (param,):
+                    dist.broadcast(tensor, src=0)
         return model
     if ctx.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel

@@ -34,6 +34,7 @@ TINY = {"model": "llama-tiny", "corpora": ("wiki",), "vocab_size": 512, "batch_s
         "log_every": 1, "eval_every": 3, "checkpoint_every": 3, "lr": 3e-3, "progress": False,
         "grad_accum": 2, "clip": 0.5}  # both: ranks skip the sync of the first micro-batch, FSDP2 clips DTensors
 PLAIN = {"grad_accum": 1, "clip": None}
+DEFAULTS = TrainConfig()
 PER_LAYER = {"per_layer": True, "compile_step": False}  # eager torchao step: no compile time in tests
 # 8-bit states: measured within 6e-7 of one process over 6 steps (FSDP2 shards are whole rows, so
 # no quantization block straddles two shards). Resuming requantizes the states from their dense
@@ -50,8 +51,8 @@ def _cli(steps: int, **overrides) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if value is None:
             continue
-        if value is False:  # --no-progress, --no-compile-step
-            args.append("--no-" + flag[2:])
+        if value is False:  # --no-progress, --no-compile-step; nothing for a flag that is off by default
+            args += ["--no-" + flag[2:]] if getattr(DEFAULTS, key) else []
         elif value is True:
             args.append(flag)
         else:
@@ -120,15 +121,15 @@ def single(tmp_path_factory, cache):
 
 @pytest.fixture(scope="module")
 def per_layer_single(tmp_path_factory, cache):
-    """One-process per-layer runs with TINY's accumulation and clipping: losses by state bits."""
+    """One-process per-layer runs with TINY's accumulation and clipping: losses by (state bits, int8 weights)."""
     losses = {}
-    for bits in (32, 8):
-        out = tmp_path_factory.mktemp(f"single-per-layer-{bits}")
+    for bits, int8 in ((32, False), (8, False), (8, True)):
+        out = tmp_path_factory.mktemp(f"single-per-layer-{bits}-{int8}")
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("SLCOMPILE_CACHE", str(cache))
-            train(TrainConfig(**TINY, **PER_LAYER, state_bits=bits, steps=6, out=str(out)))
-        losses[bits] = _losses(out)
-    assert _max_diff(losses[8], losses[32]) > 10 * TOL8  # TOL8 tells 8-bit states from 32-bit ones
+            train(TrainConfig(**TINY, **PER_LAYER, state_bits=bits, int8_weights=int8, steps=6, out=str(out)))
+        losses[bits, int8] = _losses(out)
+    assert _max_diff(losses[8, False], losses[32, False]) > 10 * TOL8  # TOL8 tells 8-bit states from 32-bit ones
     return losses
 
 
@@ -218,19 +219,22 @@ def test_two_ranks_match_one_process(parallel, single, cache, tmp_path):
     assert max(float((mine[k] - ref[k]).abs().max()) for k in ref) < TOL
 
 
-def test_int8_weights_are_refused_under_parallel():
-    with pytest.raises(ValueError, match="--int8-weights is not supported with --parallel"):
-        TrainConfig(parallel="fsdp2", per_layer=True, int8_weights=True)
+def test_int8_weights_need_ddp_and_per_layer():
+    for settings in (dict(parallel="fsdp2", per_layer=True), dict(parallel="ddp", per_layer=False)):
+        with pytest.raises(ValueError, match="--int8-weights is not supported with --parallel fsdp2 yet"):
+            TrainConfig(**settings, int8_weights=True)
 
 
-@pytest.mark.parametrize("parallel, bits", [("fsdp2", 32), ("fsdp2", 8), ("ddp", 32)])
-def test_per_layer_two_ranks_match_one_process(parallel, bits, per_layer_single, cache, tmp_path):
+@pytest.mark.parametrize("parallel, bits, int8", [("fsdp2", 32, False), ("fsdp2", 8, False), ("ddp", 32, False),
+                                                  ("ddp", 8, True)])
+def test_per_layer_two_ranks_match_one_process(parallel, bits, int8, per_layer_single, cache, tmp_path):
     # Every update must run inside backward (FSDP2: in the shard's hook after its reduce-scatter;
-    # DDP: after the hook's all-reduce), with 2 micro-batches and two-pass global clipping.
-    result = torchrun(2, _cli(6, parallel=parallel, state_bits=bits, **PER_LAYER, out=tmp_path), cache,
-                      fault="updates-in-backward")
+    # DDP: after the hook's all-reduce), with 2 micro-batches and two-pass global clipping. Int8
+    # weights round stochastically: every rank draws the same noise as the one process.
+    result = torchrun(2, _cli(6, parallel=parallel, state_bits=bits, int8_weights=int8, **PER_LAYER, out=tmp_path),
+                      cache, fault="updates-in-backward")
     _check(result)
-    assert _max_diff(_losses(tmp_path), per_layer_single[bits]) < (TOL if bits == 32 else TOL8)
+    assert _max_diff(_losses(tmp_path), per_layer_single[bits, int8]) < (TOL if bits == 32 else TOL8)
 
 
 def test_quantized_per_layer_checkpoint_of_two_ranks_resumes_on_one(per_layer_single, cache, tmp_path):
@@ -240,7 +244,7 @@ def test_quantized_per_layer_checkpoint_of_two_ranks_resumes_on_one(per_layer_si
     _check(torchrun(1, _cli(6, parallel="ddp", **settings, out=tmp_path), cache))
     losses = _losses(tmp_path)
     assert sorted(losses) == list(range(1, 7))
-    assert _max_diff(losses, per_layer_single[8]) < TOL8
+    assert _max_diff(losses, per_layer_single[8, False]) < TOL8
 
 
 def test_checkpoint_of_two_ranks_resumes_on_one_and_on_two(single, cache, tmp_path):
