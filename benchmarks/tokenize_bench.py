@@ -10,7 +10,10 @@ system's) and deleted at the end, with the token cache.
   corpus as ``python -m slcompile.train --data corpus.jsonl --tokenize-workers 2`` would before
   training: it reads the first 20M characters, trains the byte-level BPE (``--vocab-size``) on
   them, and tokenizes both splits into the cache. Reported: seconds, peak RSS of the main process
-  (``ru_maxrss``) and of the largest worker process, tokens.
+  (``ru_maxrss``) and of the largest worker process (forked: it shares most of those pages), tokens.
+- ``training``: ``python -m slcompile.train --model llama-mini --data corpus.jsonl`` for
+  ``--train-steps`` steps on that cache (shards verified and memory-mapped, not retokenized):
+  seconds and the run's peak RSS (``summary.json``'s ``peak_memory_bytes``).
 - ``throughput``: the first ``--throughput-mb`` MB of the corpus tokenized with the BPE trained
   above, once with each worker count, each in a fresh process with an empty cache; MB/s counts
   the UTF-8 bytes of the document texts (not the JSON around them).
@@ -69,8 +72,23 @@ def child(corpus: str, cache: str, workers: int, vocab_size: int, tokenizer: str
 
 def run_child(corpus: Path, cache: Path, workers: int, vocab_size: int, tokenizer: str | None = None) -> dict:
     argv = [sys.executable, __file__, "--child", str(corpus), str(cache), str(workers), str(vocab_size)]
+    load_before = os.getloadavg()[0]
     result = subprocess.run(argv + ([tokenizer] if tokenizer else []), capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    # The machine's 1-minute load average around the run: with other work on the cores, worker
+    # counts above the free cores cannot speed up.
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "load_average": [load_before, os.getloadavg()[0]]}
+
+
+def train_run(corpus: Path, cache: Path, out: Path, steps: int, vocab_size: int) -> dict:
+    """``python -m slcompile.train`` for ``steps`` steps of llama-mini on the prepared corpus (the
+    cache already holds its tokenizer and shards): wall seconds and the run's peak RSS."""
+    argv = [sys.executable, "-m", "slcompile.train", "--model", "llama-mini", "--data", str(corpus),
+            "--vocab-size", str(vocab_size), "--steps", str(steps), "--eval-every", str(steps), "--eval-rows", "16", "--no-progress", "--out", str(out)]
+    began = time.perf_counter()
+    subprocess.run(argv, capture_output=True, text=True, check=True, env={**os.environ, "SLCOMPILE_CACHE": str(cache)})
+    summary = json.loads((out / "summary.json").read_text())
+    return {"steps": steps, "seconds": time.perf_counter() - began, "peak_rss_bytes": summary["peak_memory_bytes"],
+            "tokens": summary["tokens"]}
 
 
 def head(source: Path, target: Path, size: int) -> int:
@@ -96,6 +114,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="worker counts timed for throughput")
     parser.add_argument("--prepare-workers", type=int, default=2)
     parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--train-steps", type=int, default=20, help="steps of the training run on the corpus")
     parser.add_argument("--tmp", default=None, help="folder for the corpus and cache (deleted after)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "tokenize_bench.json"))
     args = parser.parse_args()
@@ -111,6 +130,9 @@ def main() -> None:
                        text_bytes=text_bytes, text_mb_per_s=text_bytes / MB / prepare["seconds"])
         print(f"prepare: {prepare['seconds']:.0f} s, peak RSS {prepare['peak_rss_main_bytes'] / 2**20:.0f} MiB "
               f"(largest worker {prepare['peak_rss_largest_worker_bytes'] / 2**20:.0f} MiB)", flush=True)
+        training = train_run(corpus, tmp / "cache", tmp / "run", args.train_steps, args.vocab_size)
+        print(f"training {training['steps']} steps on it: {training['seconds']:.0f} s, peak RSS "
+              f"{training['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
         tokenizer = shutil.copy(prepare.pop("tokenizer"), tmp / "tokenizer.json")
         shutil.rmtree(tmp / "cache")
         sample = tmp / "sample.jsonl"
@@ -122,7 +144,7 @@ def main() -> None:
             result.update(workers=workers, text_bytes=sample_text, text_mb_per_s=sample_text / MB / result["seconds"])
             throughput.append(result)
             print(f"{workers} worker(s): {result['text_mb_per_s']:.2f} MB/s of text", flush=True)
-        report = {"prepare": prepare, "throughput": throughput, "vocab_size": args.vocab_size,
+        report = {"prepare": prepare, "training": training, "throughput": throughput, "vocab_size": args.vocab_size,
                   "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                   "python": platform.python_version()}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
