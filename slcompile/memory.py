@@ -565,9 +565,9 @@ def plan_settings(budget_bytes: int, model_config: ConfigLike, batch: int, seq: 
                   **options) -> list[dict[str, object]]:
     """The settings that fit ``budget_bytes`` at ``batch x seq``, smallest peak first.
 
-    Sweeps method x per_layer x state_bits x weights (bf16 or int8) x checkpointing; each row holds
-    those settings and ``peak`` (bytes). ``options`` (e.g. ``index_bytes``, ``compute_dtype``, ``rank``)
-    apply to every setting.
+    Sweeps method x per_layer x state_bits x weights (bf16 or int8; bf16 only with ``world_size >
+    1``) x checkpointing; each row holds those settings and ``peak`` (bytes). ``options`` (e.g.
+    ``index_bytes``, ``compute_dtype``, ``rank``, ``world_size``) apply to every setting.
     """
     check_int("budget_bytes", budget_bytes, 0)
     swept = sorted(set(options) & set(_SWEPT))
@@ -576,6 +576,8 @@ def plan_settings(budget_bytes: int, model_config: ConfigLike, batch: int, seq: 
     rows = []
     for method, per_layer, bits, int8, ckpt in itertools.product(
             METHODS, (False, True), STATE_BITS, (False, True), (False, True)):
+        if int8 and options.get("world_size", 1) > 1:
+            continue  # int8 weights are not sharded
         peak = estimate(model_config, method, batch, seq, per_layer=per_layer, state_bits=bits,
                         weight_dtype="int8" if int8 else "bf16", checkpointing=ckpt,
                         **options)["peak"]

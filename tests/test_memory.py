@@ -114,6 +114,9 @@ def test_world_size_shards_parameters_gradients_and_states():
         assert one[term] / 8 <= eight[term] < one[term] / 8 * 1.0001, term
     assert eight["support"] == one["support"] and eight["activations"] == one["activations"]
     assert eight["peak"] < one["peak"] / 2
+    rows = plan_settings(10**10, "llama-7b", 1, 256, world_size=8)
+    assert rows and not any(row["int8_weights"] for row in rows)
+    assert len(rows) > len(plan_settings(10**10, "llama-7b", 1, 256))  # 45 vs 5: sharding lets more fit
     # Quantization is decided per shard: 8 ranks cut a 64 x 64 tensor (4096 elements, quantized
     # whole) into 512-element shards, which keep plain states of the parameter's dtype.
     small = memory._Tensor(sympy.Integer(4096), sympy.Integer(1), sympy.Integer(64), False)
