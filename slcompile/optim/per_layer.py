@@ -58,8 +58,8 @@ Data parallelism:
   world size.
 
 Not supported with ``per_layer=True`` (use ``per_layer=False``): fp16 ``GradScaler`` (it unscales
-and skips steps after backward), compiled autograd, ``Int8Weight`` shards. Every backward pass that
-reaches the parameters counts as a micro-batch.
+and skips steps after backward), compiled autograd. Not supported at all: ``Int8Weight`` shards
+(FSDP2). Every backward pass that reaches the parameters counts as a micro-batch.
 """
 from __future__ import annotations
 
@@ -219,6 +219,9 @@ class PerLayerOptimizer(Optimizer):
         check_bool("per_layer", per_layer)
         check_bool("compile_step", compile_step)
         check_bool("dense_state_dict", dense_state_dict)
+        if data_parallel is not None and not per_layer:
+            raise ValueError("data_parallel averages gradients in the hooks of per_layer=True; with per_layer=False "
+                             "wrap the model in DistributedDataParallel instead")
         check_int("accumulation_steps", accumulation_steps, 1)
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, 0.0, open_low=True)

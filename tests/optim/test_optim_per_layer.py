@@ -298,3 +298,9 @@ def test_bad_parameters_raise():
         PerLayerOptimizer(model.parameters())
     with pytest.raises(ValueError, match="empty parameter list"):
         build(nn.Sequential(nn.ReLU()))
+
+
+def test_data_parallel_needs_per_layer():
+    # per_layer=False clips and steps after backward: DistributedDataParallel averages the gradients there.
+    with pytest.raises(ValueError, match="data_parallel averages gradients in the hooks of per_layer=True"):
+        PerLayerOptimizer(tiny_model().parameters(), per_layer=False, data_parallel=object())  # stands for a group
