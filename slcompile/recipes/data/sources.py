@@ -127,13 +127,15 @@ def _lines(path: Path, compression: str | None) -> Iterator[tuple[int, str]]:
 
 
 def _text_pieces(path: Path, compression: str | None) -> Iterator[str]:
-    """A ``.txt`` file's text in pieces, cut only between a line ending ``<non-blank>\\n`` and a
-    line starting with a non-blank character: there the byte-level BPE's pre-tokenizer splits
-    anyway, so the pieces tokenize exactly like the whole text."""
+    """A ``.txt`` file's text in pieces of about :data:`PIECE_CHARS` characters, cut between a line
+    ending ``<non-blank>\\n`` and a line starting with a non-blank character: there the byte-level
+    BPE's pre-tokenizer splits anyway, so the pieces tokenize exactly like the whole text. A text
+    without such a place (``\\r\\n`` line ends) is cut at any line end past 16 pieces' worth, to
+    bound memory (the pre-tokens at those few cuts may differ); a single line must fit in memory."""
     piece: list[str] = []
     size, blank = 0, True
     for _, line in _lines(path, compression):
-        if size >= PIECE_CHARS and line[:1].strip() and piece[-1][-2:-1].strip():
+        if size >= PIECE_CHARS and (size >= 16 * PIECE_CHARS or (line[:1].strip() and piece[-1][-2:-1].strip())):
             yield "".join(piece)
             piece, size = [], 0
         piece.append(line)

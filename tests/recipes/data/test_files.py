@@ -91,6 +91,15 @@ def test_txt_files_are_documents_and_long_ones_stream_in_exact_pieces(tmp_path, 
     assert np.array_equal(data.train_tokens, expected_tokens(data.tokenizer, ["Short one.\n\n  indented\n", text]))
 
 
+def test_a_long_txt_without_clean_cuts_still_comes_in_bounded_pieces(tmp_path, monkeypatch):
+    (tmp_path / "crlf.txt").write_bytes(("a line of text\r\n" * 400).encode())
+    monkeypatch.setattr(sources, "PIECE_CHARS", 100)
+    [(doc_id, pieces)] = sources.read_documents(tmp_path / "crlf.txt")
+    pieces = list(pieces)
+    assert doc_id == "crlf.txt" and "".join(pieces) == "a line of text\r\n" * 400
+    assert len(pieces) == 4 and max(map(len, pieces)) <= 16 * 100 + 16
+
+
 @pytest.mark.parametrize("dtype", ["uint16", "uint32"])
 def test_pretokenized_bin_and_npy_shards(tmp_path, dtype):
     first, second = np.arange(0, 200, dtype=dtype), np.arange(100, 300, dtype=dtype)[::-1].copy()
