@@ -144,10 +144,11 @@ def test_hash_split_by_document_is_stable(tmp_path, tokenizer_file):
 
 
 # ---------------------------------------------------------------------------------------- cache
-def test_the_cache_is_reused_and_rebuilt_when_an_input_changes(tmp_path, cache, monkeypatch):
+def test_the_cache_is_reused_and_rebuilt_when_an_input_changes(tmp_path, cache, monkeypatch, capsys):
     path = write_jsonl(tmp_path / "a.jsonl", DOCS)
-    first = load([path], workers=2)  # no --tokenizer: a BPE is trained on the data
+    first = load([path], workers=2, progress=True)  # no --tokenizer: a BPE is trained on the data
     assert first.vocab_size == VOCAB and len(list(cache.glob("train-*.bin"))) == 1
+    assert "tokenizing train" in capsys.readouterr().err  # the progress bar
 
     def no_work(*args):
         raise AssertionError("cache miss: tokenized or trained again")
