@@ -60,8 +60,8 @@ import datetime
 import json
 import os
 import platform
-import socket
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -369,13 +369,13 @@ def measure(config: str, method: str, *, dtype: str = "fp32", batch: int = 1, se
 
 
 # -- one rank's share under FSDP2 (the world-size axis) ------------------------------------------
-def _sharded_rank(rank: int, world_size: int, port: int, config: str, method: str, dtype: str, batch: int,
+def _sharded_rank(rank: int, world_size: int, init_method: str, config: str, method: str, dtype: str, batch: int,
                   seq: int, steps: int, seed: int, queue) -> None:
     """One rank of :func:`measure_sharded` (a spawned process): bytes of this rank's shards."""
     import torch.distributed as dist
     from slcompile.recipes import distributed
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         m = METHODS[method]
         model = distributed.wrap(build_model(config, m, dtype, "cpu", seed),
@@ -406,12 +406,10 @@ def measure_sharded(config: str, method: str, world_size: int, *, dtype: str = "
     import torch.multiprocessing as mp
     if steps < 2:
         raise ValueError("steps must be >= 2: optimizer states are created in the first step")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_sharded_rank, (world_size, port, config, method, dtype, batch, seq, steps, seed, queue),
-                       nprocs=world_size, start_method="spawn")
+    with tempfile.TemporaryDirectory() as tmp:  # a file store: no port to race for
+        mp.start_processes(_sharded_rank, (world_size, f"file://{tmp}/store", config, method, dtype, batch, seq,
+                                           steps, seed, queue), nprocs=world_size, start_method="spawn")
     per_rank = [bytes_ for _, bytes_ in sorted(queue.get() for _ in range(world_size))]
     most = {term: max(r[term] for r in per_rank) for term in (*SHARDED_TERMS, "support")}
     pred = predict(config, METHODS[method], dtype, batch, seq, "cpu", world_size=world_size)
