@@ -44,59 +44,67 @@ DENSITY = 0.05
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "tf32": "fp32"}  # tf32: fp32 operands, TF32 dots
 
 
-def _host_defaults(fn) -> dict:
-    """The block configuration a host function launches with: its keyword defaults."""
-    import inspect
-
-    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not inspect._empty}
-
-
-def cases() -> list[dict]:
-    """Every (kernel, shape, direction, dtype, mode) with its launch arguments, as the host passes them."""
+def _tiled(kernel: str, module, fn, listed: dict, dname: str, precision: str, every: bool, shape: str,
+           args: dict, constexprs: dict, nnz: int) -> list[dict]:
+    """One case per configuration a tiled kernel (materialize, grad_weight) offers for these
+    arguments (``configs.offered``; pointers are 16-byte aligned as torch allocates them), launched as
+    its host function does (``maxnreg`` only on the read-back epilogue). ``every``: all of them,
+    else the default only."""
     import torch
 
-    from slcompile.kernels import grad_weight, materialize, spmm
+    from slcompile.kernels import configs
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dname, torch.float32)
+    aligned = all(v == 1 or v % 16 == 0 for v in args.values() if isinstance(v, int))
+    offered = configs.offered(listed, dtype, precision, aligned)
+    return [dict(kernel=kernel, shape=shape, dtype=dname, fn=fn, nnz=nnz, default=i == 0,
+                 args={**args, "n_col_tiles": -(-args["in_features"] // c["block_n"])},
+                 constexprs=dict(BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"],
+                                 INPUT_PRECISION=precision, GROUP_M=module.GROUP_M, CHUNK=module.CHUNK, **constexprs),
+                 options=dict(num_warps=c["num_warps"], num_stages=c["num_stages"],
+                              **({"maxnreg": c["maxnreg"]} if c["maxnreg"] and constexprs.get("FROM_DW") else {})))
+            for i, c in enumerate(offered if every else offered[:1])]
+
+
+def cases(subset: bool = False) -> list[dict]:
+    """Every (kernel, shape, direction, dtype, configuration) with its launch arguments, as the host
+    passes them. ``subset``: the default configurations, and the others only for bf16 / fp32 at 7B
+    (the CI set: fp16 compiles as bf16 does, and 1B's odd widths only change the divisibility hints)."""
+    import torch
+
+    from slcompile.kernels import configs, grad_weight, materialize, spmm
 
     found = []
     for shape, (out_f, in_f, rank, tokens) in SHAPES.items():
         for out_, in_ in ((out_f, in_f), (in_f, out_f)):  # up/gate and down projections
-            nnz = int(DENSITY * out_ * in_)
+            nnz, name = int(DENSITY * out_ * in_), f"{shape} {out_}x{in_}"
             for dname, dtype in DTYPES.items():
                 precision = "ieee" if dname == "fp32" else "tf32"  # as host.dot_precision: ignored for bf16/fp16
-                blocks = _host_defaults(materialize.materialize)
-                found.append(dict(
-                    kernel="materialize", shape=f"{shape} {out_}x{in_}", dtype=dname, fn=materialize._materialize_kernel,
-                    args=dict(a_ptr=dtype, b_ptr=dtype, values_ptr=dtype, support_ptr="i32", tile_ptr_ptr="i32",
-                              w_ptr=dtype, out_features=out_, in_features=in_, rank=rank,
-                              n_col_tiles=-(-in_ // blocks["block_n"]), scale=0.5, stride_ar=in_, stride_ai=1,
-                              stride_bo=rank, stride_br=1, stride_wo=in_, stride_wi=1),
-                    constexprs=dict(BLOCK_M=blocks["block_m"], BLOCK_N=blocks["block_n"], BLOCK_K=blocks["block_k"],
-                                    INPUT_PRECISION=precision),
-                    options=dict(num_warps=blocks["num_warps"]), nnz=nnz))
-                blocks = grad_weight.BLOCKS[precision]
-                for write_dw in (True, False):
-                    found.append(dict(
-                        kernel=f"grad_weight{'' if write_dw else '_sddmm'}", shape=f"{shape} {out_}x{in_}",
-                        dtype=dname, fn=grad_weight._grad_weight_kernel,
-                        args=dict(g_ptr=dtype, x_ptr=dtype, support_ptr="i32", tile_ptr_ptr="i32", dw_ptr=dtype,
-                                  dvalues_ptr=dtype, tokens=tokens, out_features=out_, in_features=in_,
-                                  n_col_tiles=-(-in_ // blocks["block_n"]), stride_gt=out_, stride_go=1,
-                                  stride_xt=in_, stride_xi=1, stride_wo=in_ if write_dw else 0,
-                                  stride_wi=1 if write_dw else 0),
-                        constexprs=dict(BLOCK_M=blocks["block_m"], BLOCK_N=blocks["block_n"],
-                                        BLOCK_K=blocks["block_k"], WRITE_DW=write_dw, INPUT_PRECISION=precision),
-                        options=dict(num_warps=blocks["num_warps"], num_stages=blocks["num_stages"]), nnz=nnz))
+                every = not subset or (shape == "7b" and dname in ("bf16", "fp32"))
+                found += _tiled("materialize", materialize, materialize._materialize_kernel, configs.MATERIALIZE,
+                                dname, precision, every, name,
+                                dict(a_ptr=dtype, b_ptr=dtype, values_ptr=dtype, support_ptr="i32",
+                                     tile_ptr_ptr="i32", w_ptr=dtype, out_features=out_, in_features=in_, rank=rank,
+                                     scale=0.5, stride_ar=in_, stride_ai=1, stride_bo=rank, stride_br=1,
+                                     stride_wo=in_, stride_wi=1), {}, nnz)
+                for write_dw, listed in ((True, configs.GRAD_WEIGHT), (False, configs.SDDMM)):
+                    found += _tiled(f"grad_weight{'' if write_dw else '_sddmm'}", grad_weight,
+                                    grad_weight._grad_weight_kernel, listed, dname, precision, every, name,
+                                    dict(g_ptr=dtype, x_ptr=dtype, support_ptr="i32", tile_ptr_ptr="i32",
+                                         dw_ptr=dtype, dvalues_ptr=dtype, tokens=tokens, out_features=out_,
+                                         in_features=in_, stride_gt=out_, stride_go=1, stride_xt=in_, stride_xi=1,
+                                         stride_wo=in_ if write_dw else 0, stride_wi=1 if write_dw else 0),
+                                    dict(WRITE_DW=write_dw, FROM_DW=write_dw), nnz)
                 if dname == "tf32":  # no tl.dot in spmm
                     continue
-                blocks = _host_defaults(spmm.spmm)
-                found.append(dict(  # x S^T (S: out_ x in_) in forward; dY S is the same kernel with the roles swapped
-                    kernel="spmm", shape=f"{shape} {out_}x{in_}", dtype=dname, fn=spmm._spmm_kernel,
+                found += [dict(  # x S^T (S: out_ x in_) in forward; dY S is the same kernel with the roles swapped
+                    kernel="spmm", shape=name, dtype=dname, fn=spmm._spmm_kernel, nnz=nnz, default=i == 0,
                     args=dict(crow_ptr="i32", col_ptr="i32", val_ptr=dtype, dense_ptr=dtype, out_ptr=dtype,
                               n_rows=out_, tokens=tokens, stride_dk=spmm.token_major(torch.empty(tokens, 1)).stride(1),
-                              stride_dt=1, stride_ot=out_,
-                              stride_or=1),
-                    constexprs=dict(BLOCK_R=blocks["block_r"], BLOCK_T=blocks["block_t"]),
-                    options=dict(num_warps=blocks["num_warps"]), nnz=nnz))
+                              stride_dt=1, stride_ot=out_, stride_or=1),
+                    constexprs=dict(BLOCK_R=c["block_r"], BLOCK_T=c["block_t"]),
+                    options=dict(num_warps=c["num_warps"]))
+                    for i, c in enumerate(configs.SPMM if every else configs.SPMM[:1])]
     return found
 
 
@@ -123,20 +131,51 @@ def _specialize(case: dict):
     return signature, constexprs, attrs
 
 
-def _main_loop(sass: str) -> dict:
-    """The first loop of the SASS (``cuobjdump -sass``): from the target of the first backward
-    branch to that branch, its instruction count and the count per opcode (predicates and
-    modifiers dropped)."""
+def _loops(sass: str) -> list[dict]:
+    """The loops of the SASS (``cuobjdump -sass``), in address order: each from the target of a
+    backward branch to that branch, with its instruction count and the count per opcode
+    (predicates and modifiers dropped)."""
     instructions = {int(m.group(1), 16): m.group(2).strip()
                     for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;/]*?)\s*;", sass)}
-    loops = sorted((int(m.group(1), 16), address) for address, text in instructions.items()
+    spans = sorted((int(m.group(1), 16), address) for address, text in instructions.items()
                    if (m := re.search(r"\bBRA\s+(0x[0-9a-f]+)", text)) and int(m.group(1), 16) < address)
+    loops = []
+    for start, end in spans:
+        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+                                  for address, text in instructions.items() if start <= address <= end)
+        loops.append({"start": start, "end": end, "instructions": sum(ops.values()),
+                      "opcodes": dict(ops.most_common())})
+    return loops
+
+
+def _loop_summary(loops: list[dict], kernel: str) -> dict:
+    """``main_loop``: the first loop (the tile GEMM's reduction; spmm's only loop);
+    ``sparse_step``: the sparse loop's instructions per step (in the tiled kernels the last
+    outermost loop after the main one, the epilogue's chunk, counted with the loops nested in it
+    once, e.g. the compare-and-swap retry of a bf16 atomic add; spmm's main loop), ``None`` if the
+    compiler left none."""
     if not loops:
-        return {"instructions": 0, "opcodes": {}, "loops": 0}
-    start, end = loops[0]
-    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
-                              for address, text in instructions.items() if start <= address <= end)
-    return {"instructions": sum(ops.values()), "opcodes": dict(ops.most_common()), "loops": len(loops)}
+        return {"main_loop": {"instructions": 0, "opcodes": {}, "loops": 0}, "sparse_step": None}
+    main = loops[0]
+    after = [loop for loop in loops if loop["start"] > main["end"]
+             and not any(o["start"] <= loop["start"] and loop["end"] <= o["end"] and o is not loop for o in loops)]
+    sparse = main if kernel == "spmm" else (after[-1] if after else None)
+    wgmma = main["opcodes"].get("HGMMA", 0)
+    return {"main_loop": {"instructions": main["instructions"], "opcodes": main["opcodes"], "loops": len(loops),
+                          "per_wgmma": round(main["instructions"] / wgmma, 1) if wgmma else None},
+            "sparse_step": sparse and sparse["instructions"]}
+
+
+# H100 / H200 (sm_90) per-SM limits: registers, shared memory (the CUDA runtime reserves 1 KB per
+# block), threads, resident blocks; registers are allocated per warp in units of 256.
+SM90 = {"registers": 65536, "shared_bytes": 228 * 1024, "reserved_shared_bytes": 1024, "threads": 2048, "blocks": 32}
+
+
+def blocks_per_sm(registers: int, shared_bytes: int, num_warps: int) -> int:
+    """Resident blocks per SM of a kernel using ``registers`` per thread and ``shared_bytes`` per block."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(SM90["blocks"], SM90["threads"] // (32 * num_warps), SM90["registers"] // (per_warp * num_warps),
+               SM90["shared_bytes"] // (shared_bytes + SM90["reserved_shared_bytes"]))
 
 
 _VARIANTS: dict[str, dict] = {}  # filled before the worker processes fork (a JIT function does not pickle)
@@ -152,7 +191,7 @@ def compile_variant(key: str) -> dict:
     from triton import knobs
 
     signature, constexprs, attrs = _specialize(case)
-    result = {"variant": key, "kernel": case["kernel"], "dtype": case["dtype"],
+    result = {"variant": key, "kernel": case["kernel"], "dtype": case["dtype"], "default": case["default"],
               "constexprs": {k: v for k, v in constexprs.items() if k in case["constexprs"]}, **case["options"]}
     log = io.StringIO()
     try:
@@ -170,9 +209,11 @@ def compile_variant(key: str) -> dict:
         cubin.flush()
         cuobjdump = str(Path(get_ptxas(90).path).with_name("cuobjdump"))
         sass = subprocess.run([cuobjdump, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
-    return {**result, "registers": int(regs.group(1)), "spill_store_bytes": int(spills.group(1)),
-            "spill_load_bytes": int(spills.group(2)), "shared_bytes": compiled.metadata.shared,
-            "wgmma": "wgmma.mma_async" in compiled.asm["ptx"], "main_loop": _main_loop(sass)}
+    registers, shared = int(regs.group(1)), compiled.metadata.shared
+    return {**result, "registers": registers, "spill_store_bytes": int(spills.group(1)),
+            "spill_load_bytes": int(spills.group(2)), "shared_bytes": shared,
+            "blocks_per_sm": blocks_per_sm(registers, shared, case["options"]["num_warps"]),
+            "wgmma": "wgmma.mma_async" in compiled.asm["ptx"], **_loop_summary(_loops(sass), case["kernel"])}
 
 
 def problems(variants: list[dict]) -> list[str]:
@@ -195,16 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernels_sm90.json")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--check", action="store_true", help="exit 1 on a failed compile, a spill or no wgmma")
+    parser.add_argument("--subset", action="store_true",
+                        help="the CI set: default configurations, the others for bf16/fp32 at 7B only (cases())")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
 
     variants = _VARIANTS
     uses: dict[str, list[str]] = collections.defaultdict(list)
-    for case in cases():
+    for case in cases(args.subset):
         signature, constexprs, attrs = _specialize(case)
         key = (f"{case['kernel']} {case['dtype']} " + " ".join(f"{k}={v}" for k, v in constexprs.items())
-               + " D:" + ",".join(str(i[0]) for i in sorted(attrs)))
+               + " D:" + ",".join(str(i[0]) for i in sorted(attrs))
+               + "".join(f" {k}={v}" for k, v in case["options"].items()))
         variants.setdefault(key, case)
         uses[key].append(case["shape"])
     with tempfile.TemporaryDirectory() as cache:  # Triton's cache: nothing left behind
@@ -214,15 +258,20 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         r["shapes"] = uses[r["variant"]]
     report = {"target": "cuda sm_90a (GPUTarget('cuda', 90, 32)), Triton's bundled ptxas",
-              "triton": triton.__version__, "density": DENSITY, "shapes": SHAPES, "variants": results}
+              "triton": triton.__version__, "density": DENSITY, "shapes": SHAPES, "sm90_limits": SM90,
+              "subset": args.subset, "variants": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     for r in results:
         if "error" in r:
             print(f"{r['variant']}: ERROR")
         else:
-            print(f"{r['kernel']:18s} {r['dtype']:5s} regs {r['registers']:3d}  smem {r['shared_bytes']:6d}  "
-                  f"wgmma {r['wgmma']!s:5s}  loop {r['main_loop']['instructions']:4d}  {', '.join(r['shapes'])}")
+            c = r["constexprs"]
+            tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK_T") if k in c)
+            print(f"{r['kernel']:17s} {r['dtype']:4s} {tile:11s} w{r['num_warps']} s{r.get('num_stages', '-')} "
+                  f"{'*' if r['default'] else ' '} regs {r['registers']:3d}  smem {r['shared_bytes']:6d}  "
+                  f"blocks/SM {r['blocks_per_sm']}  loop {r['main_loop']['instructions']:4d}"
+                  f" /wgmma {r['main_loop']['per_wgmma']}  sparse {r['sparse_step']}  {', '.join(r['shapes'])}")
     bad = problems(results)
     print("\n".join(bad) or f"{len(results)} variants: all compile, no spills, half-precision dots on wgmma")
     return 1 if args.check and bad else 0

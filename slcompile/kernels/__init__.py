@@ -13,6 +13,12 @@ registration as the CUDA implementations of our custom ops:
 :mod:`.tile_index` (the support in tile order), :mod:`.tiles` (shared ``@triton.jit`` tile GEMM and
 support lookup) and :mod:`.host` (shared checks) serve them.
 
+Eager CUDA calls tune themselves (:mod:`.autotune`): the first call per shape and dtype times
+the kernel in each launch configuration of :mod:`.configs` and, for ``materialize`` and the
+``dW`` step, the ATen composition (cuBLAS ``mm`` with ``index_add`` / ``index_select``), and
+every later call runs the fastest. Under ``TRITON_INTERPRET=1`` and in CPU tests the first
+candidate (the kernel's default configuration) runs, untimed.
+
 Importing this package registers the CUDA implementations but does not import Triton: the
 kernel modules are imported on the first CUDA call, so a CPU-only process never pays for them.
 A call whose dtypes the kernels do not take (float64, mixed) runs the torch reference instead.
@@ -25,13 +31,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from slcompile import ops, ops_factored
-from slcompile.kernels.host import SUPPORTED_DTYPES
+from slcompile.kernels import autotune, configs
+from slcompile.kernels.host import SUPPORTED_DTYPES, aligned, dot_precision
 
 __all__ = ["CUDA_IMPLEMENTATIONS", "TRITON_SPARSE", "cuda_kernels_registered", "register_cuda_kernels"]
 
@@ -43,19 +51,54 @@ def _kernel_dtypes(*tensors: Tensor) -> bool:
     return len({t.dtype for t in tensors}) == 1 and tensors[0].dtype in SUPPORTED_DTYPES
 
 
+def _label(config: dict) -> str:
+    """A launch configuration as a candidate label, e.g. ``block_m=128 block_n=128 ... num_stages=3``."""
+    return " ".join(f"{k}={v}" for k, v in config.items())
+
+
+def _tuned(op: str, operands: tuple[Tensor, ...], candidates: dict[str, Callable[[], object]]):
+    """Run the candidate :func:`.autotune.pick` chooses for ``op`` on these operands' shapes,
+    strides and dtypes (and the ``tl.dot`` precision, which changes with torch's TF32 setting)."""
+    key = (op, dot_precision(operands[0].dtype), *((t.shape, t.stride(), t.dtype) for t in operands))
+    return candidates[autotune.pick(key, candidates, operands[0].device)]()
+
+
+def _kernel_candidates(host: Callable, listed: dict[str, list[dict]], operands: tuple[Tensor, ...],
+                       sizes: tuple[int, ...], *args, **kwargs) -> dict[str, Callable[[], object]]:
+    """The Triton host function ``host`` in each configuration of ``listed`` it offers for
+    ``operands`` (their dtype, and whether they and ``sizes`` are aligned: :func:`.host.aligned`)."""
+    dtype = operands[0].dtype
+    offered = configs.offered(listed, dtype, dot_precision(dtype), aligned(operands, sizes))
+    return {_label(c): partial(host, *args, **kwargs, **c) for c in offered}
+
+
+def _aten(body: Callable, *args):
+    """A torch composition as a candidate (autocast off: the op's dtypes are its operands')."""
+    def run():
+        with ops.autocast_disabled("cuda"):
+            return body(*args)
+    return run
+
+
 def _materialize_cuda(A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float) -> Tensor:
     from slcompile.kernels import materialize as kernel
 
     if not _kernel_dtypes(A, B, values):
         with ops.autocast_disabled(A.device.type):  # the torch body of the op (e.g. float64)
             return ops.materialized_weight(A, B, values, support, scale)
-    return kernel.materialize(A, B, values, support, scale)
+    candidates = _kernel_candidates(kernel.materialize, configs.MATERIALIZE, (A, B, values, support),
+                                    (*B.shape, A.shape[1]), A, B, values, support, scale)
+    candidates["aten"] = _aten(ops.materialized_weight, A, B, values, support, scale)
+    return _tuned("materialize", (A, B, values, support), candidates)
 
 
 def _triton_grad_weight(grad_y2d: Tensor, x2d: Tensor, support: Tensor) -> tuple[Tensor, Tensor]:
     from slcompile.kernels.grad_weight import grad_weight
 
-    return grad_weight(grad_y2d, x2d, support)
+    candidates = _kernel_candidates(grad_weight, configs.GRAD_WEIGHT, (grad_y2d, x2d, support),
+                                    (x2d.shape[0], grad_y2d.shape[1], x2d.shape[1]), grad_y2d, x2d, support)
+    candidates["aten"] = _aten(ops.grad_weight_and_values, grad_y2d, x2d, support)
+    return _tuned("grad_weight", (grad_y2d, x2d, support), candidates)
 
 
 def _sl_linear_backward_cuda(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor,
@@ -64,23 +107,29 @@ def _sl_linear_backward_cuda(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, va
     return ops.materialized_backward(grad_y, x, A, B, values, support, scale, need_dx, grad_weight)
 
 
-def _triton_s_x(index: ops_factored.SparseIndex, values: Tensor, x2d: Tensor) -> Tensor:
+def _spmm(crow: Tensor, col: Tensor, csr_values: Tensor, dense: Tensor) -> Tensor:
     from slcompile.kernels.spmm import spmm
 
-    return spmm(index.crow, index.col, index.csr_values(values), x2d)
+    candidates = {_label(c): partial(spmm, crow, col, csr_values, dense, **c) for c in configs.SPMM}
+    return _tuned("spmm", (crow, col, csr_values, dense), candidates)
+
+
+def _triton_s_x(index: ops_factored.SparseIndex, values: Tensor, x2d: Tensor) -> Tensor:
+    return _spmm(index.crow, index.col, index.csr_values(values), x2d)
 
 
 def _triton_dy_s(index: ops_factored.SparseIndex, values: Tensor, g2d: Tensor) -> Tensor:
-    from slcompile.kernels.spmm import spmm
-
-    return spmm(index.t_crow, index.t_col, index.csr_t_values(values), g2d)
+    return _spmm(index.t_crow, index.t_col, index.csr_t_values(values), g2d)
 
 
 def _triton_sampled(index: ops_factored.SparseIndex, support: Tensor, g2d: Tensor, x2d: Tensor,
                     dtype: torch.dtype) -> Tensor:
     from slcompile.kernels.grad_weight import grad_weight
 
-    return grad_weight(g2d, x2d, support, write_dw=False, values_dtype=dtype)[1]
+    candidates = _kernel_candidates(grad_weight, configs.SDDMM, (g2d, x2d, support),
+                                    (x2d.shape[0], g2d.shape[1], x2d.shape[1]), g2d, x2d, support, write_dw=False,
+                                    values_dtype=dtype)
+    return _tuned(f"sddmm {dtype}", (g2d, x2d, support), candidates)[1]
 
 
 TRITON_SPARSE = ops_factored.SparseProducts(_triton_s_x, _triton_dy_s, _triton_sampled)

@@ -1,11 +1,23 @@
 """Triton kernel: ``dW = dY^T @ X`` with ``dvalues = dW.view(-1)[support]`` gathered in the epilogue.
 
-One program computes one ``(BLOCK_M, BLOCK_N)`` tile of ``dW (out, in)``: a tiled GEMM over the
-tokens (``tl.dot`` of ``dY^T[rows, t:t+BLOCK_K]`` and ``X[t:t+BLOCK_K, cols]``, fp32
-accumulator), then an epilogue that reads the support entries falling in the tile *from the
-accumulator in registers* (:mod:`slcompile.kernels.tile_index`: step ``k`` takes the ``k``-th
-entry of every row, a one-hot compare against the tile's columns and a row sum pick it out).
-So ``dvalues`` costs no pass over ``dW`` and is rounded once, from fp32.
+One program computes one ``(BLOCK_M, BLOCK_N)`` tile of ``dW (out, in)`` (tiles in grouped order,
+:func:`~.tiles.tile_coords`: ``GROUP_M`` row tiles share the panels of ``X`` in L2): a tiled
+GEMM over the tokens (``tl.dot`` of ``dY^T[rows, t:t+BLOCK_K]`` and ``X[t:t+BLOCK_K, cols]``,
+fp32 accumulator), then an epilogue that gathers the support entries falling in the tile
+(:mod:`slcompile.kernels.tile_index`): chunk ``k`` takes entries ``k .. k + CHUNK - 1`` of every
+row as int32 columns local to the tile. Where it picks them from:
+
+- the stored ``dW`` tile (``write_dw`` and ``dvalues`` in ``dW``'s dtype, the materialize
+  path): after a CTA barrier, one masked load per entry from lines still in L2, a few dozen
+  instructions per chunk; the accumulator is dead once stored, so the epilogue adds no
+  registers to the GEMM's (two 128 x 128 blocks fit an SM, ``benchmarks/kernels_sm90.py``);
+- else the fp32 accumulator, with ``tl.gather`` along the tile's columns: Triton writes the
+  whole accumulator to shared memory for it on every chunk (about 900 instructions per chunk
+  at 128 x 128, 8 warps; Triton cannot keep it there across chunks), still ~5x fewer than a
+  one-hot compare per entry step.
+
+Either way the cost grows with ``BLOCK_M * max count`` and ``dvalues`` costs no pass over
+``dW``; it is rounded once from fp32 (or equals the rounded ``dW``, which is the same value).
 
 ``write_dw``:
 
@@ -29,17 +41,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from slcompile.kernels.host import SUPPORTED_DTYPES, check_blocks, check_index, dot_precision
+from slcompile.kernels import configs
+from slcompile.kernels.host import SUPPORTED_DTYPES, aligned, check_blocks, check_index, dot_precision
 from slcompile.kernels.tile_index import tile_index
-from slcompile.kernels.tiles import tile_matmul, tile_support_range
+from slcompile.kernels.tiles import tile_coords, tile_entries, tile_matmul, tile_support_range
 
-__all__ = ["BLOCKS", "grad_weight"]
+__all__ = ["CHUNK", "GROUP_M", "grad_weight"]
 
-# Launch configuration per ``tl.dot`` precision ("tf32": every tensor-core dot, bf16/fp16 too).
-# IEEE fp32 products run on the FMA units with the operand tiles in registers: a 128 x 128 tile
-# spills on sm_90a, 64 x 128 does not (benchmarks/kernels_sm90.py).
-BLOCKS = {"tf32": dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3),
-          "ieee": dict(block_m=64, block_n=128, block_k=32, num_warps=8, num_stages=3)}
+GROUP_M = 8  # row tiles per launch group (tiles.tile_coords)
+CHUNK = 8  # support entries per row per epilogue step: about density * BLOCK_N = 6.4 at 0.05, 128
 
 
 @triton.jit
@@ -48,32 +58,37 @@ def _grad_weight_kernel(
     tokens, out_features, in_features, n_col_tiles,
     stride_gt, stride_go, stride_xt, stride_xi, stride_wo, stride_wi,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    WRITE_DW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WRITE_DW: tl.constexpr, FROM_DW: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(out_features, BLOCK_M), n_col_tiles, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < out_features
     col_ok = cols < in_features
+    row_offsets = rows.to(tl.int64) * stride_wo
 
     # acc = dY[:, rows]^T @ X[:, cols] over the tokens.
     acc = tile_matmul(g_ptr, x_ptr, rows, cols, row_ok, col_ok, tokens, stride_go, stride_gt, stride_xt, stride_xi,
                       BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
 
     if WRITE_DW:
-        tl.store(dw_ptr + rows.to(tl.int64)[:, None] * stride_wo + cols.to(tl.int64)[None, :] * stride_wi,
+        tl.store(dw_ptr + row_offsets[:, None] + cols.to(tl.int64)[None, :] * stride_wi,
                  acc.to(dw_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if FROM_DW:
+        tl.debug_barrier()  # the tile's store, by other threads of this program, before the loads
 
-    # Gather, from the accumulator in registers.
+    # Gather: from the stored tile (FROM_DW: dvalues in dW's dtype, so the same rounding), else from
+    # the accumulator in registers.
     start, count, row_base = tile_support_range(tile_ptr_ptr, rows, row_ok, pid_n, n_col_tiles, in_features, BLOCK_N)
-    local_cols = tl.arange(0, BLOCK_N)
-    for k in range(0, tl.max(count, axis=0)):
-        has = k < count
-        flat = tl.load(support_ptr + start + k, mask=has, other=0).to(tl.int64)
-        hit = (flat - row_base)[:, None] == local_cols[None, :]
-        picked = tl.sum(tl.where(hit, acc, 0.0), axis=1)
-        tl.store(dvalues_ptr + start + k, picked.to(dvalues_ptr.dtype.element_ty), mask=has)
+    for k0 in range(0, tl.max(count, axis=0), CHUNK):
+        pos, has, local = tile_entries(support_ptr, start, count, row_base, k0, CHUNK)
+        if FROM_DW:
+            picked = tl.load(dw_ptr + row_offsets[:, None] + (pid_n * BLOCK_N + local).to(tl.int64) * stride_wi,
+                             mask=has)
+        else:
+            picked = tl.gather(acc, local, axis=1)
+        tl.store(dvalues_ptr + pos, picked.to(dvalues_ptr.dtype.element_ty), mask=has)
 
 
 def grad_weight(grad_y: Tensor, x: Tensor, support: Tensor, *, write_dw: bool = True,
@@ -85,15 +100,13 @@ def grad_weight(grad_y: Tensor, x: Tensor, support: Tensor, *, write_dw: bool = 
     range (not checked). ``dW`` is ``None`` when ``write_dw`` is False (nothing ``(out, in)`` is
     allocated). ``values_dtype``: dtype of ``dvalues`` (default ``grad_y``'s). ``launch``: any of
     ``block_m``, ``block_n``, ``block_k`` (powers of two in [16, 256], ``ValueError`` otherwise),
-    ``num_warps``, ``num_stages``, over :data:`BLOCKS` for the dot precision. ``N == 0`` gives zeros.
+    ``num_warps``, ``num_stages``, ``maxnreg``, over the default of :data:`.configs.GRAD_WEIGHT` (``write_dw``)
+    or :data:`.configs.SDDMM` for the operands. ``N == 0`` gives zeros.
     """
-    unknown = set(launch) - set(BLOCKS["tf32"])
+    listed = configs.GRAD_WEIGHT if write_dw else configs.SDDMM
+    unknown = set(launch) - set(configs.default(listed, x.dtype, "tf32", True))
     if unknown:
         raise TypeError(f"grad_weight got unexpected launch arguments {sorted(unknown)}")
-    precision = dot_precision(x.dtype)
-    config = {**BLOCKS[precision], **launch}
-    block_m, block_n, block_k = config["block_m"], config["block_n"], config["block_k"]
-    check_blocks("grad_weight", config["num_warps"], block_m=block_m, block_n=block_n, block_k=block_k)
     if grad_y.dim() != 2 or x.dim() != 2 or grad_y.shape[0] != x.shape[0]:
         raise ValueError(f"grad_weight expects grad_y (N, out) and x (N, in), got {tuple(grad_y.shape)} "
                          f"and {tuple(x.shape)}")
@@ -106,16 +119,24 @@ def grad_weight(grad_y: Tensor, x: Tensor, support: Tensor, *, write_dw: bool = 
     dvalues = torch.empty(support.numel(), device=x.device, dtype=values_dtype or grad_y.dtype)
     if out_features * in_features == 0:
         return dw, dvalues
+    precision = dot_precision(x.dtype)
+    is_aligned = aligned((grad_y, x, support), (tokens, out_features, in_features))
+    config = {**configs.default(listed, x.dtype, precision, is_aligned), **launch}
+    block_m, block_n, block_k = config["block_m"], config["block_n"], config["block_k"]
+    check_blocks("grad_weight", config["num_warps"], block_m=block_m, block_n=block_n, block_k=block_k)
     index = tile_index(support, out_features, in_features, block_n)
+    from_dw = write_dw and dvalues.dtype == dw.dtype
     dw_arg = dw if write_dw else dvalues  # never written when WRITE_DW is False
-    grid = (triton.cdiv(out_features, block_m), triton.cdiv(in_features, block_n))
+    grid = (triton.cdiv(out_features, block_m) * index.n_col_tiles,)
     _grad_weight_kernel[grid](
         grad_y, x, index.support, index.tile_ptr, dw_arg, dvalues,
         tokens, out_features, in_features, index.n_col_tiles,
         grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
         dw.stride(0) if write_dw else 0, dw.stride(1) if write_dw else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, WRITE_DW=write_dw,
-        INPUT_PRECISION=precision, num_warps=config["num_warps"], num_stages=config["num_stages"],
+        FROM_DW=from_dw, INPUT_PRECISION=precision, GROUP_M=GROUP_M, CHUNK=CHUNK,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        maxnreg=config["maxnreg"] if from_dw else None,  # configs.GRAD_WEIGHT: the cap is for this epilogue
     )
     if index.perm is not None:  # computed in sorted order: put each back at its own position
         dvalues = torch.empty_like(dvalues).index_copy_(0, index.perm, dvalues)

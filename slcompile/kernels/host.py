@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK_RANGE", "INDEX_DTYPES", "SUPPORTED_DTYPES", "check_blocks", "check_index", "dot_precision"]
+__all__ = ["BLOCK_RANGE", "INDEX_DTYPES", "SUPPORTED_DTYPES", "aligned", "check_blocks", "check_index", "dot_precision"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -38,3 +38,11 @@ def check_index(name: str, index: Tensor) -> None:
     """``index`` must be a 1-D int32/int64 tensor."""
     if index.dim() != 1 or index.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be a 1-D int32 or int64 tensor, got shape {tuple(index.shape)} {index.dtype}")
+
+
+def aligned(tensors: tuple[Tensor, ...], sizes: tuple[int, ...] = ()) -> bool:
+    """Whether Triton specializes a launch on these operands as 16-byte aligned: every pointer a
+    multiple of 16 bytes, every stride of ``tensors`` and every size in ``sizes`` 1 or a multiple
+    of 16 (:mod:`.configs`: some tiles are offered only then)."""
+    ints = (*sizes, *(s for t in tensors for s in t.stride()))
+    return all(t.data_ptr() % 16 == 0 for t in tensors) and all(i == 1 or i % 16 == 0 for i in ints)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from slcompile.kernels import configs
 from slcompile.kernels.host import SUPPORTED_DTYPES, check_blocks, check_index
 
 __all__ = ["spmm", "token_major"]
@@ -66,14 +67,20 @@ def token_major(dense: Tensor) -> Tensor:
 
 
 def spmm(crow: Tensor, col: Tensor, values: Tensor, dense: Tensor, *, out: Tensor | None = None,
-         block_r: int = 32, block_t: int = 64, num_warps: int = 4) -> Tensor:
+         **launch: int) -> Tensor:
     """``out (N, rows) = dense (N, k) @ S^T`` for ``S (rows, k)`` in CSR.
 
     ``crow (rows + 1,)``, ``col (nnz,)`` int32/int64 (columns in ``[0, k)``, not checked),
     ``values (nnz,)`` in CSR order, any float dtype (products in fp32). ``dense``: 2-D, one dtype
     of fp16/bf16/fp32, any strides. ``out``: optional ``(N, rows)`` destination of ``dense``'s dtype,
-    any strides. Blocks: powers of two in [16, 256] (``ValueError`` otherwise). Returns ``out``.
+    any strides. ``launch``: any of ``block_r``, ``block_t`` (powers of two in [16, 256],
+    ``ValueError`` otherwise), ``num_warps``, over :data:`.configs.SPMM`'s default. Returns ``out``.
     """
+    unknown = set(launch) - set(configs.SPMM[0])
+    if unknown:
+        raise TypeError(f"spmm got unexpected launch arguments {sorted(unknown)}")
+    config = {**configs.SPMM[0], **launch}
+    block_r, block_t, num_warps = config["block_r"], config["block_t"], config["num_warps"]
     check_blocks("spmm", num_warps, block_r=block_r, block_t=block_t)
     check_index("crow", crow)
     check_index("col", col)

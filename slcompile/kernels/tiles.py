@@ -1,14 +1,31 @@
 """``@triton.jit`` building blocks of the tiled kernels (:mod:`.materialize`, :mod:`.grad_weight`).
 
+- :func:`tile_coords`: the ``(pid_m, pid_n)`` tile of a 1-D program id in grouped order
+  (``GROUP_M`` row tiles sweep the column tiles together, so the operand panels they share stay
+  in L2: for ``grad_weight`` at 7B/8k, ``dY`` and ``X`` are read ``~out/(GROUP_M*BLOCK_M)``
+  times instead of once per row tile);
 - :func:`tile_matmul`: the fp32 ``(BLOCK_M, BLOCK_N)`` tile ``left[rows, :] @ right[:, cols]``
   over a reduction of length ``K`` (masked loads pad with zeros; 64-bit offsets);
 - :func:`tile_support_range`: where the support entries of the tile's rows lie
-  (:mod:`.tile_index`): per row ``start`` and ``count``, and the flat index of the tile's column 0.
+  (:mod:`.tile_index`): per row ``start`` and ``count``, and the flat index of the tile's column 0;
+- :func:`tile_entries`: a ``(BLOCK_M, CHUNK)`` chunk of those entries as int32 columns local to
+  the tile (0 where a row has no entry, with the mask): the sparse epilogues cost
+  ``O(BLOCK_M * max count)`` element operations, not ``O(BLOCK_M * BLOCK_N * max count)``.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def tile_coords(pid, n_row_tiles, n_col_tiles, GROUP_M: tl.constexpr):
+    per_group = GROUP_M * n_col_tiles
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(n_row_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
 
 
 @triton.jit
@@ -37,9 +54,22 @@ def tile_matmul(left_ptr, right_ptr, rows, cols, row_ok, col_ok, K,
 
 @triton.jit
 def tile_support_range(tile_ptr_ptr, rows, row_ok, pid_n, n_col_tiles, in_features, BLOCK_N: tl.constexpr):
-    # Row m's entries in column tile pid_n are support[start[m]:start[m] + count[m]].
+    # Row m's entries in column tile pid_n are support[start[m]:start[m] + count[m]]; a masked row has none.
     ptr_row = tile_ptr_ptr + rows * (n_col_tiles + 1) + pid_n
     start = tl.load(ptr_row, mask=row_ok, other=0)
     count = tl.load(ptr_row + 1, mask=row_ok, other=0) - start
     row_base = rows.to(tl.int64) * in_features + pid_n * BLOCK_N  # flat index of the tile's column 0
     return start, count, row_base
+
+
+@triton.jit
+def tile_entries(support_ptr, start, count, row_base, k0, CHUNK: tl.constexpr):
+    # Entries k0 .. k0 + CHUNK - 1 of every row: positions in the sorted support (BLOCK_M, CHUNK),
+    # their mask, and their columns local to the tile in int32 (the row base subtracted once per
+    # entry in the support's width; masked entries read nothing and give column 0).
+    ks = k0 + tl.arange(0, CHUNK)
+    has = ks[None, :] < count[:, None]
+    pos = start[:, None] + ks[None, :]
+    flat = tl.load(support_ptr + pos, mask=has, other=0)
+    local = tl.where(has, (flat - row_base[:, None]).to(tl.int32), 0)
+    return pos, has, local

@@ -202,11 +202,13 @@ def test_grad_weight_unsorted_duplicate_int64_support_and_values_dtype():
     _, _, _, support = factors(7, 33, 1, 0.3, torch.float32, kernels.device)
     perm = torch.randperm(support.numel(), generator=gen).to(kernels.device)
     index = torch.cat([support[perm], support[:5]]).long()
-    _, grad_values = kernels.grad_weight.grad_weight(grad_y, x, index, write_dw=False, values_dtype=torch.float32,
-                                                     block_m=16, block_n=16, block_k=16, num_warps=4)
     ref = (grad_y.cpu().double().t() @ x.cpu().double()).view(-1)[index.cpu()]
-    assert grad_values.dtype == torch.float32
-    torch.testing.assert_close(grad_values.cpu().double(), ref, rtol=0, atol=1e-4)  # fp32 acc, rounded once
+    for write_dw in (False, True):  # fp32 dvalues from the accumulator even when the fp16 dW is stored
+        _, grad_values = kernels.grad_weight.grad_weight(grad_y, x, index, write_dw=write_dw,
+                                                         values_dtype=torch.float32, block_m=16, block_n=16,
+                                                         block_k=16, num_warps=4)
+        assert grad_values.dtype == torch.float32
+        torch.testing.assert_close(grad_values.cpu().double(), ref, rtol=0, atol=1e-4)  # fp32 acc, rounded once
 
 
 def test_grad_weight_rejects_bad_arguments():
@@ -326,8 +328,8 @@ def test_registered_cuda_ops_fall_back_to_torch_for_float64():
 # ---------------------------------------------------------------- hazards: 64-bit offsets, host syncs, blocks
 
 class AddressProbe:
-    """The interpreter's masked loads and stores outside ``real`` buffers are recorded, not done
-    (loads read zeros): a kernel can be run with strides of a tensor too large to allocate."""
+    """The interpreter's masked loads, stores and atomics outside ``real`` buffers are recorded, not
+    done (loads read zeros): a kernel can be run with strides of a tensor too large to allocate."""
 
     def __init__(self, monkeypatch, *real: torch.Tensor):
         from triton.runtime import interpreter
@@ -335,7 +337,7 @@ class AddressProbe:
         self.spans = [(t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes()) for t in real]
         self.virtual: list[int] = []
         builder = interpreter.InterpreterBuilder
-        load, store = builder.create_masked_load, builder.create_masked_store
+        load, store, atomic = builder.create_masked_load, builder.create_masked_store, builder.create_atomic_rmw
 
         def masked_load(b, ptrs, mask, other, *args):
             return load(b, ptrs, self._split(ptrs, mask), other, *args)
@@ -343,8 +345,12 @@ class AddressProbe:
         def masked_store(b, ptrs, value, mask, *args):
             return store(b, ptrs, value, self._split(ptrs, mask), *args)
 
+        def atomic_rmw(b, op, ptrs, value, mask, *args):
+            return atomic(b, op, ptrs, value, self._split(ptrs, mask), *args)
+
         monkeypatch.setattr(builder, "create_masked_load", masked_load)
         monkeypatch.setattr(builder, "create_masked_store", masked_store)
+        monkeypatch.setattr(builder, "create_atomic_rmw", atomic_rmw)
 
     def _split(self, ptrs, mask):
         """Record the masked-in addresses outside every real buffer; the mask of the others."""
@@ -376,19 +382,21 @@ def test_row_offsets_are_64_bit(monkeypatch):
     x, dvalues = torch.randn(4, 16), torch.empty(2)
     probe = AddressProbe(monkeypatch, x, dvalues, index.support, index.tile_ptr)
     # grad_weight: dY (4 tokens, 16 out) with token stride HUGE (the reduction axis of tile_matmul)
-    grad_weight_kernel._grad_weight_kernel[(1, 1)](
+    grad_weight_kernel._grad_weight_kernel[(1,)](
         far, x, index.support, index.tile_ptr, dvalues, dvalues, 4, 16, 16, index.n_col_tiles,
         HUGE, 1, x.stride(0), x.stride(1), 0, 0,
-        BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, WRITE_DW=False, INPUT_PRECISION="ieee")
+        BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, WRITE_DW=False, FROM_DW=False, INPUT_PRECISION="ieee", GROUP_M=8,
+        CHUNK=8)
     assert reached(probe, far, 4, 16)
-    # materialize: W (4 rows, 16) with row stride HUGE (the epilogue's store)
+    # materialize: W (4 rows, 16) with row stride HUGE (the store and the sparse atomics)
     A, B, values = torch.randn(16, 16), torch.randn(4, 16), torch.randn(2)
     probe = AddressProbe(monkeypatch, A, B, values, index.support, index.tile_ptr)
-    materialize_kernel._materialize_kernel[(1, 1)](
+    materialize_kernel._materialize_kernel[(1,)](
         A, B, values, index.support, index.tile_ptr, far, 4, 16, 16, index.n_col_tiles, 1.0,
         A.stride(0), A.stride(1), B.stride(0), B.stride(1), HUGE, 1,
-        BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, INPUT_PRECISION="ieee")
+        BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, INPUT_PRECISION="ieee", GROUP_M=8, CHUNK=8)
     assert reached(probe, far, 4, 16)
+    assert probe.virtual.count(far.data_ptr() + far.element_size() * (HUGE + 1)) == 2  # (1, 1): stored, then added
     # spmm: out (4 tokens, 2 rows) with token stride HUGE
     crow, col, dense = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), x[:, :2]
     probe = AddressProbe(monkeypatch, crow, col, values, x)
