@@ -10,7 +10,8 @@
 #   device.json               torch / Triton / CUDA versions, the GPU
 #   correctness_DTYPE.json    the Triton kernels vs float64 torch, bf16 / fp16 / fp32 in parallel
 #   kernel_timings.json       the kernels vs their cuBLAS + index_add / gather routes, 350M/1B/7B shapes
-#   layer_bench.json          benchmarks/layer_bench.py: one decoder layer, 350M/1B/7B x 2k/8k/16k tokens
+#   layer_bench.json          benchmarks/layer_bench.py: one decoder layer, 350M/1B/7B x 2k/8k/16k tokens,
+#                             the slcompile backend as compiled by default and with mode="max-autotune"
 #   memory_7b.json            fwd+bwd peak of a 7B layer's linears, SLLinear vs dense
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +47,6 @@ done
 wait
 step kernel_timings 60 "$PY" benchmarks/gpu_check.py timings "$OUT/kernel_timings.json" $DRY
 # shellcheck disable=SC2086  # LAYER is a list of arguments
-step layer_bench 175 "$PY" benchmarks/layer_bench.py $LAYER --variants dense,autograd,sllinear,backend \
+step layer_bench 175 "$PY" benchmarks/layer_bench.py $LAYER --variants dense,autograd,sllinear,backend,backend_autotune \
   --plot none --out "$OUT/layer_bench.json"
 step memory_7b 40 "$PY" benchmarks/gpu_check.py memory "$OUT/memory_7b.json" $DRY

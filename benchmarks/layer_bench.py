@@ -16,6 +16,8 @@ Variants (same parameters in every SLTrain variant, ``B`` random so every term i
 - ``sllinear``: ``slcompile.SLLinear`` (our custom ops, eager);
 - ``backend``: ``torch.compile(sllinear, backend="slcompile")`` (default options: the cost
   model picks the path per call site, as eager ``path="auto"`` does per call);
+- ``backend_autotune``: the same with ``mode="max-autotune"`` (Inductor's autotuning and CUDA
+  graphs; our ops' CUDA implementations tune themselves in every mode, ``slcompile.kernels.autotune``);
 - ``backend_mat``: the same with ``options={"choose_path": False}`` (every call materialized);
 - ``backend_fused``: ``options={"fuse_shared_input": True, "choose_path": False}`` (q/k/v and
   gate/up share one materialized GEMM);
@@ -58,10 +60,11 @@ import slcompile.backend  # noqa: E402
 from slcompile import SLLinear  # noqa: E402
 from slcompile.model_configs import LlamaConfig, get_config  # noqa: E402
 
-VARIANTS = ("dense", "autograd", "sllinear", "backend", "backend_mat", "backend_fused", "pattern")
-COMPILED = {"backend": ("sllinear", {}), "backend_mat": ("sllinear", {"choose_path": False}),
-            "backend_fused": ("sllinear", {"fuse_shared_input": True, "choose_path": False}),
-            "pattern": ("autograd", {})}
+VARIANTS = ("dense", "autograd", "sllinear", "backend", "backend_autotune", "backend_mat", "backend_fused", "pattern")
+COMPILED = {"backend": ("sllinear", {}), "backend_autotune": ("sllinear", {"mode": "max-autotune"}),
+            "backend_mat": ("sllinear", {"options": {"choose_path": False}}),
+            "backend_fused": ("sllinear", {"options": {"fuse_shared_input": True, "choose_path": False}}),
+            "pattern": ("autograd", {})}  # variant: (module it compiles, torch.compile keywords)
 MIB = 2**20
 
 
@@ -145,10 +148,10 @@ def bench_case(label: str, cfg: LlamaConfig, tokens: int, args) -> dict:
     device, dtype = args.device, args.dtype
     modules = build_layers(cfg, device, dtype)
     reports = {}
-    for name, (source, options) in COMPILED.items():
+    for name, (source, keywords) in COMPILED.items():
         if name not in args.variants:
             continue
-        modules[name] = torch.compile(modules[source], backend="slcompile", options=options, dynamic=False)
+        modules[name] = torch.compile(modules[source], backend="slcompile", dynamic=False, **keywords)
     modules = {v: modules[v] for v in args.variants}
     x = torch.randn(tokens, cfg.dim, device=device, dtype=dtype, requires_grad=True)
     grad_y = torch.randn(tokens, cfg.dim, device=device, dtype=dtype)

@@ -35,6 +35,6 @@ def test_gpu_check_dry_run(tmp_path):
     assert timing and all(ms > 0 for row in timing for ms in row["ms"].values())
     layer = results["layer_bench"]["results"]
     assert [r["config"] for r in layer] == ["llama-tiny"] and set(layer[0]["time_ms"]) == {
-        "dense", "autograd", "sllinear", "backend"}
+        "dense", "autograd", "sllinear", "backend", "backend_autotune"}
     peaks = results["memory_7b"]["fwd_bwd_peak_bytes"]
     assert peaks["dense"]["peak"] > 0 and peaks["sllinear"]["peak"] > 0
