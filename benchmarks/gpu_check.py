@@ -17,7 +17,10 @@ before Python starts), a couple of repeats: the same code end to end, so it cann
   bf16, median milliseconds of each kernel against the torch route it replaces: materialize vs
   ``index_add`` into zeros plus the cuBLAS ``B @ A``; grad_weight vs the cuBLAS ``dY^T X`` plus
   the gather at the support; the SDDMM (no ``dW``) and spmm ``x S^T`` vs torch's CSR product,
-  and the dense cuBLAS ``x W^T`` of the same shape for scale.
+  and the dense cuBLAS ``x W^T`` of the same shape for scale. The kernels run in their default
+  configuration; ``*_tuned`` is the op's CUDA implementation, tuned on its first (warm-up) call
+  among every configuration and the torch route (``slcompile.kernels.autotune``); ``tuned``
+  lists the choice per key.
 - ``memory``: fwd+bwd peak of one 7B decoder layer's seven linears (``layer_bench``'s
   ``DecoderLinears``), bf16, dense ``nn.Linear`` vs ``SLLinear``, at 4096 tokens.
 """
@@ -145,12 +148,17 @@ def timings(args) -> dict:
                 "spmm": lambda: spmm(index.crow, index.col, csr_values, t["x"]),
                 "spmm_torch": lambda: ops_factored.TORCH_SPARSE.s_x(index, t["values"], t["x"]),
                 "dense_gemm": lambda: t["x"] @ weight.t(),
+                "materialize_tuned": lambda: kernels._materialize_cuda(t["A"], t["B"], t["values"], support, 0.5),
+                "grad_weight_tuned": lambda: kernels._triton_grad_weight(t["g"], t["x"], support),
+                "sddmm_tuned": lambda: kernels._triton_sampled(index, support, t["g"], t["x"], dtype),
+                "spmm_tuned": lambda: kernels._triton_s_x(index, t["values"], t["x"]),
             }
             rows.append({"config": name, "in": in_f, "out": out_f, "rank": cfg.rank, "density": cfg.density,
                          "tokens": tokens,
                          "ms": {k: round(_median_ms(fn, args.repeats, args.device), 4) for k, fn in ms.items()}})
             print(rows[-1], flush=True)
-    return {"dtype": str(dtype).removeprefix("torch."), "device": args.device, "rows": rows}
+    tuned = [{"key": repr(key), "choice": label} for key, label in kernels.autotune.tuned().items()]
+    return {"dtype": str(dtype).removeprefix("torch."), "device": args.device, "rows": rows, "tuned": tuned}
 
 
 def memory(args) -> dict:

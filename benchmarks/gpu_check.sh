@@ -45,7 +45,7 @@ for dtype in $DTYPES; do
   step "correctness_$dtype" 60 "$PY" benchmarks/gpu_check.py correctness "$OUT/correctness_$dtype.json" --dtype "$dtype" $DRY &
 done
 wait
-step kernel_timings 60 "$PY" benchmarks/gpu_check.py timings "$OUT/kernel_timings.json" $DRY
+step kernel_timings 90 "$PY" benchmarks/gpu_check.py timings "$OUT/kernel_timings.json" $DRY
 # shellcheck disable=SC2086  # LAYER is a list of arguments
 step layer_bench 175 "$PY" benchmarks/layer_bench.py $LAYER --variants dense,autograd,sllinear,backend,backend_autotune \
   --plot none --out "$OUT/layer_bench.json"
