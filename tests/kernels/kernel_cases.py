@@ -98,6 +98,24 @@ def test_materialize_matches_reference(out_f, in_f, rank, density, blocks, half,
     assert_guard_intact(buf, out)
 
 
+def test_grouped_order_covers_every_tile():
+    """9 row tiles of 16: a full launch group of GROUP_M = 8 and a group of one; every tile is
+    written (a missed one would keep the sentinel) and matches the reference."""
+    assert materialize_kernel.GROUP_M == grad_weight_kernel.GROUP_M == 8
+    A, B, values, support = factors(130, 70, 7, 0.1, torch.float32, kernels.device)
+    out, buf = guarded(130, 70, torch.float32, kernels.device)
+    weight = kernels.materialize.materialize(A, B, values, support, 0.5, out=out, block_m=16, block_n=16)
+    check_weight(weight, A, B, values, support, 0.5)
+    assert_guard_intact(buf, out)
+    g, x = torch.randn(5, 130, device=kernels.device), torch.randn(5, 70, device=kernels.device)
+    grad_w, grad_values = kernels.grad_weight.grad_weight(g, x, support, block_m=16, block_n=16, block_k=16)
+    ref = g.cpu().double().t() @ x.cpu().double()
+    magnitude = g.cpu().double().abs().t() @ x.cpu().double().abs()
+    check_close(grad_w, ref, magnitude, torch.float32, "dW")
+    check_close(grad_values, ref.view(-1)[support.cpu().long()], magnitude.view(-1)[support.cpu().long()],
+                torch.float32, "dvalues")
+
+
 def test_materialize_all_dtypes_strided_inputs():
     for dtype in kernels.dtypes:
         A, B, values, support = factors(33, 130, 7, 0.1, dtype, kernels.device)
