@@ -5,7 +5,8 @@ Design (the simplest one that works with our custom op and the per-layer optimiz
 - :class:`Int8Weight` is a tensor subclass that *looks* like a floating-point tensor (its dtype is
   the original one, fp32 or bf16) but holds only ``codes`` (int8, same shape) and ``scale``
   (fp32): per row for 2-D tensors (``(rows, 1)``: ``A (r, in)`` and ``B (out, r)`` get one scale
-  per row), per tensor for 1-D ones (``values (nnz,)``, shape ``(1,)``). Symmetric, codes in
+  per row), per tensor for 1-D ones (``values (nnz,)``, shape ``(1,)``; ``(k,)`` after an FSDP2
+  all-gather: one scale per contiguous block of ``ceil(nnz / k)``, see below). Symmetric, codes in
   ``[-127, 127]``, ``x ~= codes * scale`` with ``scale = absmax / 127`` (``1`` for an all-zero row,
   e.g. the initial ``B``). Memory: 1 byte per element plus 4 bytes per row.
 - Any op that reads it (``slcompile::sl_linear``, its backward, ``materialize``, ``.to``, ...)
@@ -22,16 +23,33 @@ Design (the simplest one that works with our custom op and the per-layer optimiz
   it would round to nearest after every op and silently stall training. ``copy_`` (checkpoint
   loading) and the init ops (``zero_``, ``fill_``, ``uniform_``, ``normal_``) round to nearest.
 
-The stochastic rounding draws from the global torch RNG (seed it for reproducible runs).
+- FSDP2 (``fully_shard``, dim-0 shards): the row ops FSDP2 applies to a parameter (``split``,
+  ``slice``, ``as_strided`` of whole rows, ``new_zeros``, ``view``) act on ``codes`` and on the
+  scale rows, so a shard is an ``Int8Weight`` of its rows with their per-row scales.
+  ``fsdp_pre_all_gather`` hands FSDP2 ``codes`` (int8) and ``scale`` (fp32) to all-gather, and
+  ``fsdp_post_all_gather`` rebuilds the unsharded ``Int8Weight`` from them: int8 on the wire.
+  A ``values`` shard keeps its own per-tensor scale (requantized from its own entries), so the
+  gathered ``values`` has one scale per shard, i.e. per block of ``ceil(nnz / world)`` entries,
+  FSDP2's chunk size. A replicated per-tensor scale would need an all-reduce of the absmax in
+  every update of every shard, and a fixed block size would not line up with FSDP2's chunks.
+- ``state_dict()`` holds the dequantized dense tensors (``DTensor`` shards under FSDP2), which
+  ``load_state_dict`` requantizes (``copy_``, round to nearest): checkpoints of any layout
+  (one process, DDP, FSDP2 on any world size) load into any other, as the optimizer states do.
+  Saving a checkpoint thus costs one transient full-precision copy of the int8 factors.
+
+The stochastic rounding draws from the global torch RNG (seed it for reproducible runs); an
+FSDP2 shard draws noise of its own shape, so it does not draw the same numbers as one process.
 Tested in eager mode; ``torch.compile(model, backend="aot_eager")`` with ``Int8Weight``
 parameters ran in a smoke check, Inductor is untested.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import math
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map
 
 __all__ = ["Int8Weight", "quantize_int8", "quantize_weights"]
@@ -40,21 +58,28 @@ _QMAX = 127
 _ROUND_TO_NEAREST_INPLACE = {"copy_", "zero_", "fill_", "uniform_", "normal_"}
 
 
-def quantize_int8(x: Tensor, *, stochastic: bool, generator: torch.Generator | None = None
+def _block_scales(scale: Tensor, numel: int) -> Tensor:
+    """The ``(numel,)`` scale of each entry of a 1-D tensor: ``scale (k,)`` per block of ``ceil(numel / k)``."""
+    return scale.repeat_interleave(math.ceil(numel / len(scale)))[:numel] if len(scale) > 1 else scale
+
+
+def quantize_int8(x: Tensor, *, stochastic: bool, generator: torch.Generator | None = None, blocks: int = 1
                   ) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 codes and fp32 scale of ``x`` (per row if ``x.ndim >= 2``, else per tensor).
+    """Symmetric int8 codes and fp32 scale of ``x`` (per row if ``x.ndim >= 2``, else per block).
 
     Returns ``(codes, scale)``: ``codes`` int8 of ``x.shape``; ``scale`` fp32 ``(*x.shape[:-1], 1)``
-    for ``ndim >= 2``, ``(1,)`` otherwise. ``stochastic`` rounds ``x / scale`` down or up with
+    for ``ndim >= 2``, ``(blocks,)`` otherwise (blocks of ``ceil(numel / blocks)`` entries, the
+    last one shorter; ``1``: per tensor). ``stochastic`` rounds ``x / scale`` down or up with
     probability given by the fractional part (unbiased); otherwise to nearest.
     """
     xf = x.detach().float()
     if xf.ndim >= 2:
         absmax = xf.abs().amax(dim=-1, keepdim=True)
     else:
-        absmax = xf.abs().amax().reshape(1)
+        block = max(1, math.ceil(xf.numel() / blocks))
+        absmax = torch.nn.functional.pad(xf.abs(), (0, blocks * block - xf.numel())).view(blocks, block).amax(1)
     scale = torch.where(absmax > 0, absmax / _QMAX, torch.ones_like(absmax))
-    scaled = xf / scale
+    scaled = xf / (scale if xf.ndim >= 2 else _block_scales(scale, xf.numel()))
     if stochastic:
         scaled = torch.floor(scaled.add_(torch.rand(scaled.shape, generator=generator, device=scaled.device)))
     else:
@@ -92,7 +117,8 @@ class Int8Weight(Tensor):
 
     def dequantize(self) -> Tensor:
         """The value as a plain tensor of ``self.dtype`` and ``self.shape``."""
-        return (self.codes.float() * self.scale).to(self.dtype)
+        scale = self.scale if self.ndim >= 2 else _block_scales(self.scale, self.numel())
+        return (self.codes.float() * scale).to(self.dtype)
 
     @torch.no_grad()
     def requantize_(self, x: Tensor, *, stochastic: bool = True,
@@ -100,7 +126,8 @@ class Int8Weight(Tensor):
         """Store ``x`` (same shape) in place: new codes and scales, stochastic rounding by default."""
         if x.shape != self.shape:
             raise ValueError(f"Int8Weight.requantize_: shape {tuple(x.shape)} != {tuple(self.shape)}")
-        codes, scale = quantize_int8(x, stochastic=stochastic, generator=generator)
+        codes, scale = quantize_int8(x, stochastic=stochastic, generator=generator,
+                                     blocks=len(self.scale) if self.ndim == 1 else 1)
         self.codes.copy_(codes)
         self.scale.copy_(scale)
         return self
@@ -108,6 +135,34 @@ class Int8Weight(Tensor):
     def __repr__(self) -> str:
         return (f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
                 f"scales={tuple(self.scale.shape)}, requires_grad={self.requires_grad})")
+
+    def untyped_storage(self):
+        """The codes' storage (FSDP2 compares storages when it re-pads a replaced shard)."""
+        return self.codes.untyped_storage()
+
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy
+                            ) -> tuple[tuple[Tensor, Tensor], None]:
+        """FSDP2's all-gather inputs: ``codes`` (int8, this shard's rows) and ``scale`` (fp32, its
+        rows' scales; ``(1,)`` for a 1-D shard), padded to FSDP2's chunk of ``ceil(rows / world)``
+        rows (zero codes, unit scales) on a shorter last shard."""
+        codes, scale = self.codes, self.scale
+        missing = math.ceil(outer_size[0] / mesh.size()) - codes.shape[0]
+        if missing > 0:
+            codes = torch.cat([codes, codes.new_zeros(missing, *codes.shape[1:])])
+            if codes.ndim >= 2:
+                scale = torch.cat([scale, scale.new_ones(missing, *scale.shape[1:])])
+        return (codes, scale), None
+
+    def fsdp_post_all_gather(self, all_gather_outputs: tuple[Tensor, Tensor], metadata: Any,
+                             param_dtype: torch.dtype, *, out: Tensor | None = None
+                             ) -> tuple["Int8Weight", tuple[Tensor, Tensor]] | None:
+        """The unsharded ``Int8Weight`` over FSDP2's all-gather outputs (``codes (world * chunk, ...)``
+        int8, ``scale`` fp32: per row, or ``(world,)`` for 1-D; FSDP2 cuts the padding rows with
+        ``as_strided``). Later all-gathers refill the same outputs, which ``out`` already views."""
+        if out is not None:
+            return None
+        codes, scale = all_gather_outputs
+        return Int8Weight(codes, scale, param_dtype), (codes, scale)
 
     def __tensor_flatten__(self):
         return ["codes", "scale"], (self.dtype,)
@@ -122,6 +177,8 @@ class Int8Weight(Tensor):
         if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
             src = args[0]
             return Int8Weight(src.codes, src.scale, src.dtype)
+        if func in _ROW_OPS:
+            return _ROW_OPS[func](*args, **kwargs)
         if func._schema.is_mutable and isinstance(args[0], Int8Weight):
             return _inplace(func, args, kwargs)
 
@@ -150,7 +207,92 @@ def _inplace(func, args, kwargs) -> Int8Weight:
     return dst.requantize_(value, stochastic=False)
 
 
+def _rows(src: Int8Weight, start: int, stop: int) -> Int8Weight:
+    """Rows ``[start, stop)`` of ``src`` as a view (codes and their scales); a 1-D tensor keeps its
+    scales, which must then still cover the same blocks."""
+    codes = src.codes[start:stop]
+    if src.ndim >= 2:
+        scale = src.scale[start:stop]
+    elif len(src.scale) == 1 or (start == 0 and math.ceil(len(codes) / len(src.scale))
+                                 == math.ceil(len(src.codes) / len(src.scale))):
+        scale = src.scale
+    else:
+        raise NotImplementedError(f"Int8Weight: rows {start}:{stop} of a 1-D tensor with {len(src.scale)} block scales")
+    return Int8Weight(codes, scale, src.dtype)
+
+
+def _split(src: Int8Weight, size: int, dim: int = 0) -> list[Int8Weight]:
+    if dim != 0:
+        raise NotImplementedError("Int8Weight: split along dim 0 only (FSDP2's shard dim)")
+    return [_rows(src, start, min(start + size, src.shape[0])) for start in range(0, src.shape[0], size)]
+
+
+def _slice(src: Int8Weight, dim: int = 0, start: int | None = None, end: int | None = None, step: int = 1
+           ) -> Int8Weight:
+    if dim != 0 or step != 1:
+        raise NotImplementedError("Int8Weight: slices of whole rows only (dim 0, step 1)")
+    start, end, _ = slice(start, end).indices(src.shape[0])
+    return _rows(src, start, max(start, end))
+
+
+def _as_strided(src: Int8Weight, size, stride, storage_offset: int | None = None) -> Int8Weight:
+    row = math.prod(src.shape[1:])
+    offset = storage_offset or 0
+    if tuple(size[1:]) != tuple(src.shape[1:]) or tuple(stride) != tuple(torch.empty(size, device="meta").stride()) \
+            or offset % max(row, 1):
+        raise NotImplementedError(f"Int8Weight: as_strided to whole contiguous rows only, got {size} {stride} {offset}")
+    return _rows(src, offset // max(row, 1), offset // max(row, 1) + size[0])
+
+
+def _view(src: Int8Weight, size) -> Tensor:
+    """Same shape or flat (``view(-1)``): an alias of ``src`` of its own shape. FSDP2 keeps a shard's
+    ``view(-1)`` as its flat data, which it only reads for parameters without an all-gather
+    extension; per-row scales cannot be flattened. Any other shape: the dequantized tensor's view."""
+    if len(size) == 1 and size[0] in (-1, src.numel()) or tuple(size) == tuple(src.shape):
+        return Int8Weight(src.codes, src.scale, src.dtype)
+    return src.dequantize().view(size)
+
+
+def _new_zeros(src: Int8Weight, size, *, dtype=None, layout=None, device=None, pin_memory=None) -> Int8Weight:
+    """Zeros of ``size`` stored like ``src`` (FSDP2's padded shard): zero codes, unit scales."""
+    device = device or src.device
+    scale_shape = (*size[:-1], 1) if len(size) >= 2 else (1,)
+    return Int8Weight(torch.zeros(size, dtype=torch.int8, device=device),
+                      torch.ones(scale_shape, dtype=torch.float32, device=device), dtype or src.dtype)
+
+
+_aten = torch.ops.aten
+_ROW_OPS = {_aten.split.Tensor: _split, _aten.slice.Tensor: _slice, _aten.as_strided.default: _as_strided,
+            _aten.view.default: _view, _aten.new_zeros.default: _new_zeros}
+
 _FACTORS = ("A", "B", "values")
+
+
+def _dense_state_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata) -> None:
+    """State-dict post-hook: each ``Int8Weight`` factor (or ``DTensor`` of ``Int8Weight`` shards)
+    leaves as its dequantized tensor of the same shape, dtype and placement."""
+    for name in _FACTORS:
+        value = state_dict.get(prefix + name)
+        local = value.to_local() if isinstance(value, DTensor) else value
+        if not isinstance(local, Int8Weight):
+            continue
+        dense = local.dequantize()
+        state_dict[prefix + name] = (DTensor.from_local(dense, value.device_mesh, value.placements, run_check=False,
+                                                        shape=value.shape, stride=value.stride())
+                                     if isinstance(value, DTensor) else dense)
+
+
+def _is_int8(param: Tensor) -> bool:
+    return isinstance(param.to_local() if isinstance(param, DTensor) else param, Int8Weight)
+
+
+def _quantized(param: Tensor) -> Tensor:
+    """``Int8Weight.from_float(param)``; for a ``DTensor`` (FSDP2 shard), a ``DTensor`` of the same
+    placement over its quantized local shard (FSDP2 picks up the new parameter at its lazy init)."""
+    if not isinstance(param, DTensor):
+        return Int8Weight.from_float(param)
+    return DTensor.from_local(Int8Weight.from_float(param.to_local()), param.device_mesh, param.placements,
+                              run_check=False, shape=param.shape, stride=param.stride())
 
 
 def quantize_weights(model: nn.Module, names: Iterable[str] = _FACTORS,
@@ -160,7 +302,8 @@ def quantize_weights(model: nn.Module, names: Iterable[str] = _FACTORS,
     ``names``: which of ``A``, ``B``, ``values`` (default all three). ``predicate(qualified_name,
     param)`` can skip single parameters (e.g. keep one layer in full precision). Already
     quantized parameters are left alone. Call before building the optimizer (it holds the
-    parameter objects). Returns the qualified names of the parameters quantized now.
+    parameter objects); under FSDP2, after ``fully_shard`` and before the first forward (each
+    shard is quantized: a 1-D shard gets its own scale). Returns the qualified names of the parameters quantized now.
     """
     from slcompile.layers import SLLinear
 
@@ -175,10 +318,11 @@ def quantize_weights(model: nn.Module, names: Iterable[str] = _FACTORS,
         for name in names:
             param = getattr(module, name)
             qualified = f"{module_name}.{name}" if module_name else name
-            if isinstance(param, Int8Weight) or (predicate is not None and not predicate(qualified, param)):
+            if _is_int8(param) or (predicate is not None and not predicate(qualified, param)):
                 continue
-            setattr(module, name, nn.Parameter(Int8Weight.from_float(param.detach()),
-                                               requires_grad=param.requires_grad))
+            if not any(_is_int8(getattr(module, n)) for n in _FACTORS):
+                module.register_state_dict_post_hook(_dense_state_dict)
+            setattr(module, name, nn.Parameter(_quantized(param.detach()), requires_grad=param.requires_grad))
             done.append(qualified)
     return done
 

@@ -35,8 +35,9 @@ Contract:
   hooks only measuring and freeing gradients, then again with the same RNG state (dropout
   repeats) updating each parameter with ``grad * min(1, max_norm / (norm + 1e-6))``. That costs
   a second forward and backward per update; a plain ``loss.backward()`` raises instead.
-- Parameters stored as :class:`~slcompile.optim.int8_weights.Int8Weight` are dequantized into a
-  transient full-precision tensor for their update and written back with stochastic rounding.
+- Parameters stored as :class:`~slcompile.optim.int8_weights.Int8Weight` (or ``DTensor``s of
+  ``Int8Weight`` shards under FSDP2: the local shard) are dequantized into a transient
+  full-precision tensor for their update and written back with stochastic rounding.
 
 Data parallelism:
 
@@ -58,8 +59,8 @@ Data parallelism:
   world size.
 
 Not supported with ``per_layer=True`` (use ``per_layer=False``): fp16 ``GradScaler`` (it unscales
-and skips steps after backward), compiled autograd. Not supported at all: ``Int8Weight`` shards
-(FSDP2). Every backward pass that reaches the parameters counts as a micro-batch.
+and skips steps after backward), compiled autograd. Every backward pass that reaches the
+parameters counts as a micro-batch.
 """
 from __future__ import annotations
 
@@ -102,10 +103,8 @@ class _Slot:
 
     def __init__(self, param: Tensor, group: dict[str, Any], state_bits: int) -> None:
         self.param, self.group, self.state_bits = param, group, state_bits
-        self.quantized = isinstance(param, Int8Weight)
+        self.quantized = isinstance(_local(param), Int8Weight)
         self.sharded = isinstance(param, DTensor)
-        if self.sharded and isinstance(param.to_local(), Int8Weight):
-            raise ValueError("PerLayerOptimizer: Int8Weight shards (FSDP2) are not supported")
         self.local_shape = _local(param).shape
         numel = math.prod(self.local_shape)
         self.padding = lowbit.state_numel(numel, state_bits) - numel
@@ -137,7 +136,7 @@ class _Slot:
                 self.inner.step()
             new = self.key.data.reshape(-1)[:self.key.numel() - self.padding].view(self.local_shape)
             if self.quantized:
-                self.param.requantize_(new, stochastic=True)
+                _local(self.param).requantize_(new, stochastic=True)
             else:
                 _local(self.param).copy_(new)
         finally:
@@ -146,7 +145,7 @@ class _Slot:
 
     def _value(self) -> Tensor:
         """The full-precision local value, ``local_shape``."""
-        return self.param.dequantize() if self.quantized else _local(self.param).detach()
+        return _local(self.param).dequantize() if self.quantized else _local(self.param).detach()
 
     def dense_state(self) -> dict[str, Tensor]:
         """The AdamW state as ``step`` plus tensors of the parameter's shape and dtype (``DTensor``

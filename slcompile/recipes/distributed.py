@@ -34,10 +34,14 @@ post-accumulate-grad hook), no update ever uses a local gradient:
 
 Optimizer states (quantized ones too) are checkpointed as dense tensors of their parameter's
 shape (``DTensor`` shards under FSDP2), so DCP reshards them to any world size.
-``--int8-weights`` (an ``Int8Weight`` is stepped like any parameter there: averaged gradient, then
-dequantize, step, stochastic requantize; every rank draws the same rounding noise from the same
-seed) works with DDP and ``--per-layer`` only: FSDP2 would shard and all-gather it as floats, and
-DDP's own all-reduce is not used with it (refused by ``train.py``).
+``--int8-weights`` needs ``--per-layer`` (an ``Int8Weight`` is stepped in its hook: averaged
+gradient or shard, then dequantize, step, stochastic requantize; refused by ``train.py`` otherwise).
+DDP: every rank draws the same rounding noise from the same seed. FSDP2: ``slcompile.optim.build``
+quantizes each rank's shards after ``fully_shard`` (``A``/``B`` rows with their per-row scales, a
+``values`` shard with its own scale), FSDP2 all-gathers int8 codes plus fp32 scales
+(``Int8Weight.fsdp_pre_all_gather``), and each shard is requantized in its hook with noise of the
+shard's shape, so the run does not draw one process's rounding noise (it matches one process up
+to that noise, not to float rounding).
 """
 from __future__ import annotations
 

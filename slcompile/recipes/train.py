@@ -169,10 +169,10 @@ class TrainConfig:
             raise ValueError(f"--state-bits must be one of {', '.join(map(str, STATE_BITS))}, got {self.state_bits!r}")
         if self.int8_weights and self.method != "sltrain":
             raise ValueError("--int8-weights stores SLTrain's A, B and values: it needs --method sltrain")
-        if self.int8_weights and (self.parallel == "fsdp2" or self.parallel == "ddp" and not self.per_layer):
-            raise ValueError("--int8-weights is not supported with --parallel fsdp2 yet (FSDP2 would shard and "
-                             "all-gather the int8 weights as floats), nor with DDP's own all-reduce: use --parallel ddp "
-                             "--per-layer, or drop --int8-weights (--per-layer and --state-bits 8|4 work with both)")
+        if self.int8_weights and self.parallel != "none" and not self.per_layer:
+            raise ValueError(f"--int8-weights with --parallel {self.parallel} needs --per-layer (the int8 weights are "
+                             "stepped in each parameter's hook on the averaged gradient or shard; neither DDP's own "
+                             "all-reduce nor a step after FSDP2's backward is supported)")
         if self.skip_nonfinite and self.per_layer:
             raise ValueError("--skip-nonfinite cannot skip a --per-layer step: it updates the weights during backward")
         self._check_techniques()

@@ -118,17 +118,73 @@ def test_inplace_arithmetic_is_refused():
         torch.optim.SGD(sl.parameters(), lr=0.1).step()
 
 
-def test_model_state_dict_round_trip():
+def test_model_state_dict_is_dense_and_requantized_on_load():
     sl = layer()
     float_state = {k: v.clone() for k, v in sl.state_dict().items()}
     quantize_weights(sl)
     restored = save_load(sl.state_dict())
-    assert isinstance(restored["A"], Int8Weight)
+    assert type(restored["A"]) is torch.Tensor and restored["A"].dtype == torch.float32
+    torch.testing.assert_close(restored["values"], sl.values.dequantize(), rtol=0, atol=0)
     fresh = layer()
     quantize_weights(fresh)
     with torch.no_grad():
         fresh.A.zero_()
-    fresh.load_state_dict(restored)  # int8 -> int8: codes copied exactly
-    assert torch.equal(fresh.A.codes, sl.A.codes) and torch.equal(fresh.A.scale, sl.A.scale)
+    fresh.load_state_dict(restored)  # dequantized -> int8: the largest code of a row is 127, so the same codes
+    assert isinstance(fresh.A, Int8Weight) and torch.equal(fresh.A.codes, sl.A.codes)
+    torch.testing.assert_close(fresh.A.scale, sl.A.scale, rtol=1e-6, atol=0)
     fresh.load_state_dict(float_state)  # float -> int8: rounded to nearest
     assert torch.equal(fresh.A.codes, sl.A.codes)
+
+
+class _Mesh:
+    def __init__(self, world: int):
+        self.world = world
+
+    def size(self) -> int:
+        return self.world
+
+
+def _shard(weight: Int8Weight, world: int) -> list[Int8Weight]:
+    """FSDP2's sharding of ``weight`` on ``world`` ranks, in one process: chunk dim 0, copy each chunk into
+    a padded zero shard, keep the narrowed view (the rank's local tensor)."""
+    chunks = torch.chunk(weight, world)
+    shards = []
+    for chunk in chunks:
+        padded = weight.new_zeros(chunks[0].shape)
+        padded.narrow(0, 0, len(chunk)).copy_(chunk)
+        shards.append(padded.narrow(0, 0, len(chunk)))
+    return shards
+
+
+def _gather(shards: list[Int8Weight], shape: torch.Size) -> Int8Weight:
+    """FSDP2's all-gather of the shards' pre-all-gather inputs (concatenated), rebuilt and cut to ``shape``."""
+    inputs = [s.fsdp_pre_all_gather(_Mesh(len(shards)), shape, None, None, None)[0] for s in shards]
+    outputs = tuple(torch.cat([i[k] for i in inputs]) for k in range(2))
+    gathered, inner = shards[0].fsdp_post_all_gather(outputs, None, shards[0].dtype)
+    assert inner == outputs and outputs[0].dtype == torch.int8 and outputs[1].dtype == torch.float32
+    return torch.as_strided(gathered, shape, torch.empty(shape, device="meta").stride(), 0)
+
+
+@pytest.mark.parametrize("shape, rows", [((7, 5), [3, 3, 1]), ((11,), [4, 4, 3])])  # the last shard is shorter
+def test_fsdp2_shards_and_all_gathers_int8(shape, rows):
+    torch.manual_seed(0)
+    weight = Int8Weight.from_float(torch.randn(shape))
+    shards = _shard(weight, world=3)
+    assert [len(s) for s in shards] == rows and all(s.codes.dtype == torch.int8 for s in shards)
+    torch.testing.assert_close(_gather(shards, weight.shape).dequantize(), weight.dequantize(), rtol=0, atol=0)
+    update = torch.randn(shape)
+    for shard, part in zip(shards, torch.split(update, rows[0])):
+        shard.requantize_(part, stochastic=False)  # in place, into the padded shard FSDP2 gathers from
+    gathered = _gather(shards, weight.shape)
+    torch.testing.assert_close(gathered.dequantize(), torch.cat([s.dequantize() for s in shards]), rtol=0, atol=0)
+    # 2-D: a scale per row; 1-D: one per shard (each shard requantized on its own absmax)
+    absmax = [p.abs().amax(-1) for p in torch.split(update, rows[0])] if len(shape) == 1 else [update.abs().amax(-1)]
+    torch.testing.assert_close(gathered.scale.reshape(-1), torch.cat([a.reshape(-1) for a in absmax]) / 127)
+
+
+def test_one_dimensional_block_scales():
+    # 5 entries in 2 blocks of ceil(5 / 2) = 3: [1, 0.5, 10] and [-5, 2] (an all-gathered 1-D weight's layout)
+    codes, scale = quantize_int8(torch.tensor([1.0, 0.5, 10.0, -5.0, 2.0]), stochastic=False, blocks=2)
+    assert scale.tolist() == pytest.approx([10 / 127, 5 / 127]) and codes.tolist() == [13, 6, 127, -127, 51]
+    weight = Int8Weight(codes, scale, torch.float32)
+    torch.testing.assert_close(weight.dequantize(), codes.float() * torch.tensor([10, 10, 10, 5, 5]) / 127)

@@ -7,6 +7,10 @@
 - ``updates-in-backward``: an optimizer update outside a backward pass raises (the per-layer
   optimizer must update each parameter in its post-accumulate-grad hook, e.g. right after
   FSDP2's reduce-scatter, never later in ``step()``).
+- ``int8-shards``: every ``Int8Weight`` all-gather input must be int8 codes plus fp32 scales of the
+  padded shard, and every update of an int8 factor must find a ``DTensor`` whose local tensor is
+  an ``Int8Weight`` shard (fewer rows than the parameter) with int8 codes; each rank prints
+  ``INT8 rank=R gathers=G updates=U dtypes=D`` at the end (``D``: the dtypes FSDP2 all-gathered).
 
 Several faults are joined by ``+``.
 """
@@ -14,11 +18,14 @@ import os
 import sys
 
 import torch
+from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+from torch.distributed.tensor import DTensor
 
-from slcompile.optim import per_layer
+from slcompile.optim import Int8Weight, per_layer
 from slcompile.recipes import checkpoint, train
 
 CORRUPTED_LAYER = "layers.0.self_attn.q_proj"
+COUNTS = {"gathers": 0, "updates": 0, "dtypes": set()}
 
 
 def _install_fault(fault: str) -> None:
@@ -49,9 +56,40 @@ def _install_fault(fault: str) -> None:
             update(self, context)
 
         per_layer._Slot.update = update_in_backward
+    elif fault == "int8-shards":
+        pre_all_gather, update, all_gather = (Int8Weight.fsdp_pre_all_gather, per_layer._Slot.update,
+                                              _fsdp_collectives.DefaultAllGather.__call__)
+
+        def checked_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+            (codes, scale), meta = pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy)
+            rows = -(-outer_size[0] // mesh.size())
+            assert codes.dtype == torch.int8 and codes.shape == (rows, *outer_size[1:]), (codes.dtype, codes.shape)
+            assert scale.dtype == torch.float32 and scale.shape == ((rows, 1) if codes.ndim == 2 else (1,))
+            COUNTS["gathers"] += 1
+            return (codes, scale), meta
+
+        def checked_update(self, context):
+            local = self.param.to_local()
+            if isinstance(local, Int8Weight):
+                assert isinstance(self.param, DTensor) and local.codes.dtype == torch.int8
+                assert local.shape[0] < self.param.shape[0] and local.codes.shape == local.shape
+                COUNTS["updates"] += 1
+            update(self, context)
+
+        def recorded_all_gather(self, output_tensor, input_tensor, *args, **kwargs):
+            COUNTS["dtypes"].add(str(input_tensor.dtype))
+            return all_gather(self, output_tensor, input_tensor, *args, **kwargs)
+
+        Int8Weight.fsdp_pre_all_gather = checked_pre_all_gather
+        per_layer._Slot.update = checked_update
+        _fsdp_collectives.DefaultAllGather.__call__ = recorded_all_gather
 
 
 if __name__ == "__main__":
     for name in os.environ.get("SLCOMPILE_TEST_FAULT", "").split("+"):
         _install_fault(name)
-    sys.exit(train.main(sys.argv[1:]))
+    code = train.main(sys.argv[1:])
+    if "int8-shards" in os.environ["SLCOMPILE_TEST_FAULT"].split("+"):
+        print(f"INT8 rank={os.environ['RANK']} gathers={COUNTS['gathers']} updates={COUNTS['updates']} "
+              f"dtypes={','.join(sorted(COUNTS['dtypes']))}", flush=True)
+    sys.exit(code)

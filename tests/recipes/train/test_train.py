@@ -387,8 +387,8 @@ def test_memory_stack_flags_are_validated():
         TrainConfig(state_bits=16)
     with pytest.raises(ValueError, match="--int8-weights .* needs --method sltrain"):
         TrainConfig(method="full", int8_weights=True)
-    with pytest.raises(ValueError, match="--int8-weights is not supported with --parallel fsdp2"):
-        TrainConfig(per_layer=True, int8_weights=True, parallel="fsdp2")
+    with pytest.raises(ValueError, match="--int8-weights with --parallel fsdp2 needs --per-layer"):
+        TrainConfig(int8_weights=True, parallel="fsdp2")
     TrainConfig(per_layer=True, state_bits=8, parallel="fsdp2")  # the rest of the stack scales out
 
 
