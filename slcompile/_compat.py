@@ -10,6 +10,12 @@ library touches and the releases it was checked against. Two things differ:
   (:func:`register_dynamo_backend`): the public ``register_backend`` asserts on a duplicate name,
   which the entry point would hit when it imports this package, so the registration steps aside
   once the entry point is known.
+
+:func:`default_lowering` builds, through private Inductor names (``make_fallback``,
+``tag_to_layout_constraint``, ``torch._library.utils.get_layout_constraint_tag``; checked on 2.13
+only), the lowering Inductor would create implicitly for a custom op; :func:`selected_node`
+reads ``autotune_select_algorithm``'s result, ``(node, choice)`` in 2.13, the node in releases
+before that change.
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ from typing import Any, Callable, Sequence
 
 from torch._inductor import custom_graph_pass as _cgp
 
-__all__ = ["PASS_LISTS", "PassChain", "chain_post_grad_passes", "custom_graph_passes", "register_dynamo_backend"]
+__all__ = ["PASS_LISTS", "PassChain", "chain_post_grad_passes", "custom_graph_passes", "default_lowering",
+           "register_dynamo_backend", "selected_node"]
 
 # post_grad_custom_post_pass may be a list or tuple of passes (not in torch 2.11).
 PASS_LISTS = hasattr(_cgp, "get_custom_graph_passes")
@@ -84,3 +91,21 @@ def register_dynamo_backend(name: str, load: Callable[[], Callable]) -> bool:
     backend.__name__ = backend.__qualname__ = name
     registry.register_backend(backend, name=name)
     return True
+
+
+def default_lowering(op) -> Callable:
+    """The lowering Inductor creates for custom op ``op`` the first time a graph holds it
+    (``GraphLowering.call_function`` with ``implicit_fallbacks``): a ``FallbackKernel`` call, with
+    the layout constraint of the op's tag (default: ``config.custom_op_default_layout_constraint``).
+    Registers it in Inductor's lowering table, as that first time would, and returns it."""
+    from torch._inductor import lowering
+    from torch._library.utils import get_layout_constraint_tag
+
+    constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+    lowering.make_fallback(op, layout_constraint=constraint, warn=False)
+    return lowering.lowerings[op]
+
+
+def selected_node(result: Any) -> Any:
+    """The IR node (a ``TensorBox``) of an ``autotune_select_algorithm`` result (module doc)."""
+    return result[0] if isinstance(result, tuple) else result

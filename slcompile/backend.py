@@ -37,6 +37,14 @@ logged on the ``slcompile.backend`` logger (INFO). With Inductor's FX graph cach
 skips the post-grad passes (their counts stay 0): pass ``{"fx_graph_cache": False}`` to see them.
 The post-grad pass has ``uuid()`` = hash of its source and options, so cache entries never mix
 options.
+
+Lowering: every graph of a backend compilation (forward, inference, and the backward compiled
+later) is lowered with :mod:`slcompile.lowering` installed: under ``mode="max-autotune"`` on
+CUDA, Inductor's autotuner picks the implementation of each ``slcompile::materialize`` node
+(the op's tuned Triton kernel or cuBLAS ``addmm`` plus ``index_add``); elsewhere the op lowers
+as under plain ``torch.compile``, which never sees the lowering. Its
+:class:`~slcompile.lowering.LoweringKey` goes into ``post_grad_custom_pre_pass`` so the FX graph
+cache keeps these graphs apart.
 """
 from __future__ import annotations
 
@@ -47,7 +55,7 @@ from typing import Any, Callable
 from torch import fx
 
 import slcompile.kernels  # noqa: F401  (registers the CUDA Triton kernels of the custom ops)
-from slcompile import ops  # noqa: F401  (registers the slcompile:: custom ops)
+from slcompile import lowering, ops  # noqa: F401  (ops: registers the slcompile:: custom ops)
 from slcompile._compat import chain_post_grad_passes
 from slcompile.passes.choose_path import ChoosePathPass
 from slcompile.passes.fuse_shared_input import FuseSharedInputPass
@@ -135,10 +143,21 @@ def slcompile_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict
         report.passes["fuse_shared_input"] = post[0]
         existing = patches.get("post_grad_custom_post_pass", inductor_config.post_grad_custom_post_pass)
         patches["post_grad_custom_post_pass"] = chain_post_grad_passes(existing, post)
+    existing = patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass)
+    patches["post_grad_custom_pre_pass"] = chain_post_grad_passes(existing, [lowering.LoweringKey()])
     _last = report
-    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    compiled = compile_fx(gm, example_inputs, inner_compile=_inner_compile, config_patches=patches)
     log.info("%s", report)
     return compiled
+
+
+def _inner_compile(*args: Any, **kwargs: Any):
+    """Inductor's ``compile_fx_inner`` (one graph: forward, inference or backward) with the
+    materialize lowering installed."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    with lowering.installed():
+        return compile_fx_inner(*args, **kwargs)
 
 
 def make_backend(**options: Any) -> Callable:
