@@ -52,7 +52,7 @@ def autocast_off(body):
 def scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
     """``scale * a @ b`` as one GEMM (BLAS alpha: no second pass over the result). ``beta=0``
     ignores the dummy input."""
-    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scale)
+    return torch.addmm(a.new_empty((1, 1)), a, b, beta=0, alpha=scale)
 
 
 def materialized_weight(A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float) -> Tensor:

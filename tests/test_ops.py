@@ -59,3 +59,19 @@ def test_need_dx_false_skips_the_input_gradient():
     grad_x, *_ = ops.sl_linear_backward(torch.ones(2, 4, dtype=torch.float64), x, A, B, values, support, 1.0,
                                         False)
     assert grad_x.numel() == 0
+
+
+@pytest.mark.compile
+def test_materialize_compiles_under_max_autotune_forward_and_backward():
+    """Inductor's tuned addmm lowers the backward's ``scale * a @ b`` (a 0-dim dummy input crashed it)."""
+    _, A, B, values, support, _ = _operands(8, 16, 4, 10, (1,), dtype=torch.float32)
+    scale = 0.5
+
+    def loss(A, B, values):
+        return (ops.materialize(A, B, values, support, scale) ** 2).sum()
+
+    expected = torch.autograd.grad(loss(A, B, values), (A, B, values))
+    compiled = torch.compile(loss, options={"max_autotune": True})
+    got = torch.autograd.grad(compiled(A, B, values), (A, B, values))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
