@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -120,22 +121,40 @@ def lower_materialize(default: Callable, A, B, values, support, scale: float):
                                                    input_gen_fns=gen))
 
 
+_install_lock = threading.Lock()
+_install_depth = 0  # compilations inside installed() now; the entry is swapped by the first, restored by the last
+_previous: dict = {}
+
+
 @contextlib.contextmanager
 def installed() -> Iterator[None]:
     """Inductor's lowering table holds :func:`lower_materialize` for ``slcompile::materialize``
-    inside the block and exactly its previous entry (or none) after it."""
+    while any backend compilation runs (nested or in other threads: counted under a lock) and
+    exactly its previous entry (or none) once the last one ends."""
     from torch._inductor.lowering import lowerings
 
-    previous = lowerings.get(MATERIALIZE)
-    default = previous or default_lowering(MATERIALIZE)
-    lowerings[MATERIALIZE] = lambda *args, **kwargs: lower_materialize(default, *args, **kwargs)
+    global _install_depth
+    with _install_lock:
+        if _install_depth == 0:
+            previous = lowerings.get(MATERIALIZE)
+            _previous["entry"] = previous
+            default = previous or default_lowering(MATERIALIZE)
+            lowerings[MATERIALIZE] = lambda *args, **kwargs: lower_materialize(default, *args, **kwargs)
+        _install_depth += 1
     try:
         yield
     finally:
-        if previous is None:
-            lowerings.pop(MATERIALIZE, None)
-        else:
-            lowerings[MATERIALIZE] = previous
+        with _install_lock:
+            _install_depth -= 1
+            if _install_depth == 0:
+                previous = _previous.pop("entry")
+                if previous is None:
+                    lowerings.pop(MATERIALIZE, None)
+                else:
+                    lowerings[MATERIALIZE] = previous
+
+
+_SOURCE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
 class LoweringKey(CustomGraphPass):
@@ -146,4 +165,4 @@ class LoweringKey(CustomGraphPass):
         return None
 
     def uuid(self) -> str:
-        return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+        return _SOURCE_HASH

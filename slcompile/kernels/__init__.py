@@ -59,7 +59,9 @@ def _label(config: dict) -> str:
 def _tuned(op: str, operands: tuple[Tensor, ...], candidates: dict[str, Callable[[], object]]):
     """Run the candidate :func:`.autotune.pick` chooses for ``op`` on these operands' shapes,
     strides and dtypes (and the ``tl.dot`` precision, which changes with torch's TF32 setting)."""
-    key = (op, dot_precision(operands[0].dtype), *((t.shape, t.stride(), t.dtype) for t in operands))
+    # The offered labels are part of the key: alignment (data pointers) changes what is offered.
+    key = (op, dot_precision(operands[0].dtype), tuple(candidates),
+           *((t.shape, t.stride(), t.dtype) for t in operands))
     return candidates[autotune.pick(key, candidates, operands[0].device)]()
 
 

@@ -71,6 +71,20 @@ def test_installed_only_inside_and_restored(monkeypatch):
             lowerings[lowering.MATERIALIZE] = before
 
 
+
+def test_overlapping_installs_keep_the_entry_until_the_last_ends():
+    """Two compilations at once (threads, or nested): the first to end must not remove the entry
+    the other is still lowering with, and the last restores what was there before."""
+    before = lowerings.get(lowering.MATERIALIZE)
+    first, second = lowering.installed(), lowering.installed()
+    first.__enter__()
+    entry = lowerings[lowering.MATERIALIZE]
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert lowerings.get(lowering.MATERIALIZE) is entry
+    second.__exit__(None, None, None)
+    assert lowerings.get(lowering.MATERIALIZE) is before
+
 def test_choices_for_cuda_nodes(graph_handler, monkeypatch):
     """On CUDA under max-autotune: the op itself and the ATen composition, ``W``'s layout, a
     ``support`` generator; without max-autotune, or with mixed dtypes, the default lowering."""

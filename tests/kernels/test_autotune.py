@@ -53,6 +53,16 @@ def test_pick_times_once_per_key_and_keeps_the_fastest(tuner):
     assert autotune.tuned() == {("k", 1): "b", ("k", 2): "a"}
 
 
+def test_a_call_offered_other_candidates_is_tuned_again(tuner):
+    """Same shapes, strides and dtypes, but an unaligned view offers fewer configurations: the
+    choice cached for the aligned call must not be looked up among them (it was a KeyError)."""
+    times, _ = tuner
+    times.update(big=1.0, small=2.0, aten=3.0)
+    x = torch.zeros(8, 8)
+    assert kernels._tuned("op", (x,), {"big": lambda: "big", "small": lambda: "small", "aten": lambda: "aten"}) == "big"
+    assert kernels._tuned("op", (x,), {"small": lambda: "small", "aten": lambda: "aten"}) == "small"
+
+
 def test_untuned_devices_take_the_first_candidate():
     autotune.clear()
     assert not autotune.enabled(torch.device("cpu"))
