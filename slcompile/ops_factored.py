@@ -49,9 +49,19 @@ TOKEN_BLOCK = 256  # tokens per sparse-library call (see the module doc)
 
 
 def _csr_tensor(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-    with warnings.catch_warnings():  # torch calls all CSR tensors "beta"; these ops use only stable calls
+    return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def _spend_csr_beta_warning() -> None:
+    """torch warns once per process (C++ warn-once) that CSR tensors are "beta"; these ops use only
+    stable calls. The one warning is spent here, scoped, rather than wrapping every build in
+    ``warnings.catch_warnings`` (which costs microseconds and resets the warning registries)."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+        _csr_tensor(torch.zeros(2, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0), (1, 1))
+
+
+_spend_csr_beta_warning()
 
 
 @dataclass(frozen=True)
