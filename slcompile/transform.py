@@ -68,10 +68,14 @@ def _rebuild_linear(cls: type, weight: torch.Tensor, bias: torch.Tensor | None) 
 
 
 def _rebuild_conv1d(cls: type, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    conv = cls(weight.shape[0], weight.shape[1]).to(device=weight.device, dtype=weight.dtype)  # Conv1D(nf, nx)
+    with torch.device("meta"):  # no random init of a weight about to be overwritten
+        conv = cls(weight.shape[0], weight.shape[1])  # Conv1D(nf, nx)
+    conv = conv.to_empty(device=weight.device).to(weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(weight.t())
-        if bias is not None:
+        if bias is None:
+            conv.bias.zero_()
+        else:
             conv.bias.copy_(bias)
     return conv
 
