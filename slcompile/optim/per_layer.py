@@ -265,6 +265,7 @@ class PerLayerOptimizer(Optimizer):
             if slot.sharded:
                 self.dense_state_dict = True
                 self._norm_group = param.device_mesh.get_group()
+                self._norm_device = param.device  # NCCL reduces only device tensors
             self._slots[param] = slot
             self.state[param] = slot.inner.state[slot.key]  # one dict, seen by both
             self._hooks.append(param.register_post_accumulate_grad_hook(self._on_grad))
@@ -324,7 +325,8 @@ class PerLayerOptimizer(Optimizer):
         under FSDP2: their squares are summed over the mesh)."""
         if self._norm_group is None:
             return torch.nn.utils.get_total_norm(self._norms) if self._norms else None
-        local = torch.stack(self._norms).square().sum() if self._norms else torch.zeros(())
+        local = (torch.stack(self._norms).square().sum() if self._norms
+                 else torch.zeros((), device=self._norm_device))
         dist.all_reduce(local, group=self._norm_group)  # every rank measures (possibly empty) shards
         return local.sqrt()
 
