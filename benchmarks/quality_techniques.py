@@ -1,25 +1,27 @@
 """The techniques study (``make quality-techniques``): SLTrain with weight refactorization, momentum
-reset, both, and another ``alpha/r``, in the harness of ``make quality``, plus low rank with both.
+reset, both, and other ``alpha/r``, in the harness of ``make quality``, beside full rank and low rank.
 
 Same model, data, tokens, seed and schedule as ``make quality`` (``slcompile.recipes.demo``'s
-``quality`` preset: llama-micro, 3200 steps of 16 x 128 tokens). Three phases, each a list of
-``python -m slcompile.recipes.train`` commands run ``--jobs`` at a time (a rerun resumes every
-run from its checkpoint, or finds it finished):
+``quality`` preset: llama-micro, 3200 steps of 16 x 128 tokens), with the preset compute-path rates
+(``SLCOMPILE_CALIBRATE=0``) so that no run's losses depend on timings of this machine. Every run is a
+``python -m slcompile.recipes.train`` command, run ``--jobs`` at a time (a rerun resumes every run
+from its checkpoint, or finds it finished):
 
-1. short sweep (800 steps, a quarter of the tokens): every variant of :func:`variants` at each
-   of ``LRS``; a diverged run counts as infinite loss;
-2. long runs (3200 steps): each variant but plain SLTrain at its best short-sweep LR (the
-   ``alpha/r`` variants: only the better one), plain SLTrain, full and low rank at the LR of
-   their grid ``make quality`` did not run (3e-2, 1e-2, 1e-2), low rank with both techniques at
-   its ``make quality`` LR;
-3. second seed (``--seed 1``) of the two best SLTrain runs of phase 2 and ``make quality``.
+1. short sweep (800 steps, a quarter of the tokens): every variant of :func:`variants` at each of
+   ``LRS``; a diverged run counts as infinite loss;
+2. long runs (3200 steps), all in this harness: each SLTrain variant but plain at its best
+   short-sweep LR (of the ``alpha/r`` variants only the better one), plain SLTrain, full rank and
+   low rank each at the best LR of ``make quality`` and at the one above it (the LR below was
+   worse for all three there), low rank with both techniques at its ``make quality`` LR;
+3. second seed (``--seed 1``) of the two best SLTrain runs of phase 2, started as soon as the
+   SLTrain runs of phase 2 end.
 
 Restarts every ``steps / 8`` updates, LR recovery over ``steps / 80`` (cosine with quick recovery,
 arXiv 2505.22922); the momentum resets clear the states of ``A``, ``B`` and ``values``.
 Writes ``--results`` (default ``benchmarks/results/quality/techniques``): ``commands.txt``,
 ``short_sweep.json``, ``table.md``/``table.json``/``val_curves.png`` of the long runs (ratios to
-this study's full-rank run) and ``summary.md`` (every long run and ``make quality``'s, ratio to the
-best full-rank run of both), plus one ``<run>.metrics.jsonl`` per long run.
+the best full-rank run) and ``summary.md`` (val perplexity of every long run, ratio to the best
+full-rank run, mean and spread of the seeds), plus one ``<run>.metrics.jsonl`` per long run.
 ``--dry-run`` prints phase 1's commands and exits.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from slcompile.model_configs import get_config
@@ -42,10 +44,10 @@ LONG = PRESETS["quality"]
 SHORT = {**LONG, "steps": LONG["steps"] // 4}
 LRS = (3e-3, 1e-2, 3e-2)
 # make quality ran two LRs per method (SLTrain 1e-2 and 3e-3, full and low rank 3e-3 and 1e-3): the best,
-# QUALITY_LR, and one below it; THIRD_LR is the one above.
+# QUALITY_LR, and one below it (worse for all three); THIRD_LR is the one above.
 QUALITY_LR = {"sltrain": 1e-2, "full": 3e-3, "lowrank": 3e-3}
 THIRD_LR = {"sltrain": 3e-2, "full": 1e-2, "lowrank": 1e-2}
-QUALITY_RESULTS = Path("benchmarks") / "results" / "quality"
+ENV = {**os.environ, "SLCOMPILE_CALIBRATE": "0"}
 
 
 def variants(steps: int) -> dict[str, dict]:
@@ -64,23 +66,42 @@ def command(settings: dict, method: str, lr: float, flags: dict, out: Path, thre
     return train_command(settings, method, lr, out, threads) + extra
 
 
-def run_all(commands: list[list[str]], jobs: int, log: Path) -> list[int]:
-    """Run the commands ``jobs`` at a time (appending each to ``log``); their exit codes."""
-    with log.open("a") as file:
-        file.writelines(" ".join(cmd[1:]) + "\n" for cmd in commands)
-    with ThreadPoolExecutor(jobs) as pool:
-        return list(pool.map(lambda cmd: subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode, commands))
-
-
 def val_loss(run_dir: Path) -> float:
     summary = run_dir / "summary.json"
     return json.loads(summary.read_text())["val_loss"] if summary.exists() else math.inf
 
 
+class Runner:
+    """Runs train commands ``jobs`` at a time, logging each to ``log``."""
+
+    def __init__(self, jobs: int, log: Path):
+        self.pool, self.log = ThreadPoolExecutor(jobs), log
+
+    def submit(self, commands: list[list[str]]) -> list:
+        with self.log.open("a") as file:
+            file.writelines(" ".join(cmd[1:]) + "\n" for cmd in commands)
+        return [self.pool.submit(subprocess.run, cmd, stdout=subprocess.DEVNULL, env=ENV) for cmd in commands]
+
+
+def summary_lines(out: Path, finished: list[str]) -> list[str]:
+    """``summary.md``: every long run's val ppl against the best full-rank run, then the seed pairs."""
+    ppl = {name: math.exp(val_loss(out / name)) for name in finished}
+    full = min(value for name, value in ppl.items() if name.startswith("full"))
+    lines = ["| run | val ppl | vs best full rank |", "|---|---|---|"]
+    lines += [f"| {name} | {value:.2f} | {value / full:.3f}x |" for name, value in sorted(ppl.items(), key=lambda x: x[1])]
+    pairs = [(name[:-len("-seed1")], name) for name in finished if name.endswith("-seed1")]
+    if pairs:
+        lines += ["", "| run | seed 0 | seed 1 | mean vs best full rank | seed spread |", "|---|---|---|---|---|"]
+        for base, seeded in pairs:
+            a, b = ppl[base], ppl[seeded]
+            lines.append(f"| {base} | {a:.2f} | {b:.2f} | {(a + b) / 2 / full:.3f}x | {abs(a - b) / min(a, b):.1%} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs") / "quality-techniques")
-    parser.add_argument("--results", type=Path, default=QUALITY_RESULTS / "techniques")
+    parser.add_argument("--results", type=Path, default=Path("benchmarks") / "results" / "quality" / "techniques")
     parser.add_argument("--jobs", type=int, default=3)
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
@@ -95,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     log = args.results / "commands.txt"
     log.write_text("")
-    run_all(list(short.values()), args.jobs, log)
+    runner = Runner(args.jobs, log)
+    wait(runner.submit(list(short.values())))
     results = [{"variant": name, "lr": lr, "val_loss": val_loss(args.out / "short" / f"{name}-lr{lr:g}")}
                for name, lr in short]
     best = {name: min((r for r in results if r["variant"] == name), key=lambda r: r["val_loss"])
@@ -104,33 +126,31 @@ def main(argv: list[str] | None = None) -> int:
     (args.results / "short_sweep.json").write_text(json.dumps({"results": results, "best_lr": {
         name: r["lr"] for name, r in best.items()}, "settings": SHORT}, indent=2) + "\n")
 
-    long = {f"{name}-lr{best[name]['lr']:g}": ("sltrain", best[name]["lr"], long_variants[name])
-            for name in ("refactor", "reset", "both", alpha)}
-    long.update({f"{method}-lr{lr:g}": (method, lr, {}) for method, lr in THIRD_LR.items()})
+    sltrain = {f"{name}-lr{best[name]['lr']:g}": ("sltrain", best[name]["lr"], long_variants[name])
+               for name in ("refactor", "reset", "both", alpha)}
+    sltrain.update({f"sltrain-lr{lr:g}": ("sltrain", lr, {}) for lr in (QUALITY_LR["sltrain"], THIRD_LR["sltrain"])})
+    others = {f"{method}-lr{lr:g}": (method, lr, {}) for method in ("full", "lowrank")
+              for lr in (QUALITY_LR[method], THIRD_LR[method])}
     lowrank_both = {k: v for k, v in long_variants["both"].items() if k != "reset_values"}
-    long[f"lowrank-both-lr{QUALITY_LR['lowrank']:g}"] = ("lowrank", QUALITY_LR["lowrank"], lowrank_both)
-    run_all([command(LONG, m, lr, flags, args.out / name, threads) for name, (m, lr, flags) in long.items()],
-            args.jobs, log)
+    others[f"lowrank-both-lr{QUALITY_LR['lowrank']:g}"] = ("lowrank", QUALITY_LR["lowrank"], lowrank_both)
 
-    # Second seed of the two best SLTrain runs (make quality's best SLTrain run included).
-    reference = {r["run"]: r for r in json.loads((QUALITY_RESULTS / "table.json").read_text())}
-    candidates = {name: val_loss(args.out / name) for name, (m, _, _) in long.items() if m == "sltrain"}
-    candidates["sltrain-lr0.01"] = math.log(reference["sltrain"]["val_ppl"])
-    runs = {**long, "sltrain-lr0.01": ("sltrain", QUALITY_LR["sltrain"], {})}
-    seeds = {f"{name}-seed1": (*runs[name][:2], {**runs[name][2], "seed": 1})
-             for name in sorted(candidates, key=candidates.get)[:2]}
-    run_all([command(LONG, m, lr, flags, args.out / name, threads) for name, (m, lr, flags) in seeds.items()],
-            args.jobs, log)
+    def commands(runs: dict) -> list[list[str]]:
+        return [command(LONG, m, lr, flags, args.out / name, threads) for name, (m, lr, flags) in runs.items()]
 
-    finished = [name for name in [*long, *seeds] if (args.out / name / "summary.json").exists()]
+    sltrain_futures = runner.submit(commands(sltrain))
+    other_futures = runner.submit(commands(others))
+    wait(sltrain_futures)
+    # Second seed of the two best SLTrain runs, queued behind the full and low-rank runs.
+    seeds = {f"{name}-seed1": (*sltrain[name][:2], {**sltrain[name][2], "seed": 1})
+             for name in sorted(sltrain, key=lambda name: val_loss(args.out / name))[:2]}
+    wait(other_futures + runner.submit(commands(seeds)))
+    runner.pool.shutdown()
+
+    finished = [name for name in [*sltrain, *others, *seeds] if (args.out / name / "summary.json").exists()]
     compare([args.out / name for name in finished], args.results)
     for name in finished:
         shutil.copy(args.out / name / "metrics.jsonl", args.results / f"{name}.metrics.jsonl")
-    rows = [(name, math.exp(val_loss(args.out / name))) for name in finished]
-    rows += [(f"make quality: {r['run']} (lr {r['lr']:g})", r["val_ppl"]) for r in reference.values()]
-    full = min(ppl for name, ppl in rows if name.startswith(("full", "make quality: full")))
-    lines = ["| run | val ppl | vs best full rank |", "|---|---|---|"]
-    lines += [f"| {name} | {ppl:.2f} | {ppl / full:.3f}x |" for name, ppl in sorted(rows, key=lambda row: row[1])]
+    lines = summary_lines(args.out, finished)
     (args.results / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -2,7 +2,7 @@
 
 Reads each run's ``summary.json`` and ``metrics.jsonl`` (written by ``slcompile.recipes.train``) and writes
 ``table.md``, ``table.json`` and ``val_curves.png`` (validation perplexity against tokens) to ``--out``.
-Ratios are to the ``full`` run when one is present.
+Ratios are to the best (lowest validation perplexity) ``full`` run when one is present.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def load_run(run_dir: Path) -> dict:
 
 
 def table_rows(runs: list[dict]) -> list[dict]:
-    """One row per run with the numbers the table shows (ratios to the full-rank run)."""
-    full = next((r for r in runs if r["method"] == "full"), None)
+    """One row per run with the numbers the table shows (ratios to the best full-rank run)."""
+    full = min((r for r in runs if r["method"] == "full"), key=lambda r: r["val_ppl"], default=None)
     rows = []
     for run in runs:
         row = {"run": run["name"], "method": run["method"], "lr": run["lr"], "tokens": run["tokens"],

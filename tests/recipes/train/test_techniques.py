@@ -139,3 +139,18 @@ def test_the_study_commands_are_valid_train_commands(capsys):
     both = [c for c in configs if c.refactor_every and c.momentum_reset_every]
     assert len(both) == 3 and all(c.reset_values and c.recovery_steps == 10 and c.steps == 800 for c in both)
     assert sorted({c.alpha for c in configs if c.alpha}) == [12.0, 24.0]  # alpha/r 0.5 and 1 at rank 24
+
+
+def test_the_study_summary_compares_to_the_best_full_run_and_pairs_the_seeds(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+    study = importlib.import_module("quality_techniques")
+    losses = {"full-lr0.003": 3.0, "full-lr0.01": 3.1, "both-lr0.01": 3.05, "both-lr0.01-seed1": 3.07}
+    for name, loss in losses.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"val_loss": loss}))
+    lines = study.summary_lines(tmp_path, list(losses))
+    rows = {line.split(" | ")[0][2:]: line for line in lines[2:6]}
+    assert rows["full-lr0.003"].endswith("| 1.000x |")
+    assert rows["both-lr0.01"].endswith(f"| {math.exp(0.05):.3f}x |")
+    seeds = lines[-1].split(" | ")
+    assert seeds[0] == "| both-lr0.01" and seeds[3] == f"{(math.exp(3.05) + math.exp(3.07)) / 2 / math.exp(3.0):.3f}x"

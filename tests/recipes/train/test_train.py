@@ -369,6 +369,11 @@ def test_sweep_picks_the_lowest_loss_and_compare_writes_the_table(tmp_path):
     rows = compare([tmp_path / "sweep" / "full-lr0.01", tmp_path / "sweep" / "sltrain-lr0.01"], tmp_path / "cmp")
     assert rows[0]["ppl_vs_full"] == 1.0 and rows[1]["linear_params_vs_full"] < 1
     assert {p.name for p in (tmp_path / "cmp").iterdir()} == {"table.md", "table.json", "val_curves.png"}
+    # With several full-rank runs the ratios are to the best of them.
+    runs = [tmp_path / "sweep" / f"full-lr{lr:g}" for lr in (1e-3, 1e-2)]
+    rows = compare(runs, tmp_path / "cmp2")
+    assert sorted(row["ppl_vs_full"] for row in rows)[0] == 1.0
+    assert max(row["ppl_vs_full"] for row in rows) > 1.0
 
 
 def test_per_layer_optimizer_in_the_loop_equals_plain_adamw(tmp_path):
