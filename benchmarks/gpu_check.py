@@ -149,7 +149,7 @@ def timings(args) -> dict:
                 "spmm_torch": lambda: ops_factored.TORCH_SPARSE.s_x(index, t["values"], t["x"]),
                 "dense_gemm": lambda: t["x"] @ weight.t(),
                 "materialize_tuned": lambda: kernels._materialize_cuda(t["A"], t["B"], t["values"], support, 0.5),
-                "grad_weight_tuned": lambda: kernels._triton_grad_weight(t["g"], t["x"], support),
+                "grad_weight_tuned": lambda: kernels.triton_grad_weight(t["g"], t["x"], support),
                 "sddmm_tuned": lambda: kernels._triton_sampled(index, support, t["g"], t["x"], dtype),
                 "spmm_tuned": lambda: kernels._triton_s_x(index, t["values"], t["x"]),
             }

@@ -40,9 +40,10 @@ options.
 
 Lowering: every graph of a backend compilation (forward, inference, and the backward compiled
 later) is lowered with :mod:`slcompile.lowering` installed: under ``mode="max-autotune"`` on
-CUDA, Inductor's autotuner picks the implementation of each ``slcompile::materialize`` node
-(the op's tuned Triton kernel or cuBLAS ``addmm`` plus ``index_add``); elsewhere the op lowers
-as under plain ``torch.compile``, which never sees the lowering. Its
+CUDA, ``sl_linear`` and its backward become ``materialize``, the ``dW`` + ``dvalues`` step and
+plain GEMMs, and Inductor's autotuner picks the implementation of each (our tuned Triton
+kernels or their ATen routes; Inductor's GEMM templates or cuBLAS); elsewhere our ops lower as
+under plain ``torch.compile``, which never sees the lowering. Its
 :class:`~slcompile.lowering.LoweringKey` goes into ``post_grad_custom_pre_pass`` so the FX graph
 cache keeps these graphs apart.
 """
@@ -153,7 +154,7 @@ def slcompile_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict
 
 def _inner_compile(*args: Any, **kwargs: Any):
     """Inductor's ``compile_fx_inner`` (one graph: forward, inference or backward) with the
-    materialize lowering installed."""
+    lowerings of :mod:`slcompile.lowering` installed."""
     from torch._inductor.compile_fx import compile_fx_inner
 
     with lowering.installed():

@@ -79,11 +79,17 @@ def _(A, B, values, support, scale):
     return A.new_empty(B.shape[0], A.shape[1])
 
 
-def grad_weight_and_values(grad_y2d: Tensor, x2d: Tensor, support: Tensor) -> tuple[Tensor, Tensor]:
+def grad_weight_and_values(grad_y2d: Tensor, x2d: Tensor, support: Tensor,
+                           out: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
     """``(dW, dvalues)``: the dense ``dW (out, in) = dY^T @ x`` and ``dvalues = dW.view(-1)[support]``
-    (torch reference; :mod:`slcompile.kernels.grad_weight` fuses the gather into the GEMM on CUDA)."""
-    grad_w = torch.mm(grad_y2d.t(), x2d)
-    return grad_w, grad_w.view(-1).index_select(0, support)  # index_select: [] with int32 indices is slow on CPU
+    (torch reference; :mod:`slcompile.kernels.grad_weight` fuses the gather into the GEMM on CUDA).
+    ``out``: optional ``(dW, dvalues)`` destinations (``dW`` contiguous), written and returned."""
+    if out is None:
+        grad_w = torch.mm(grad_y2d.t(), x2d)
+        return grad_w, grad_w.view(-1).index_select(0, support)  # index_select: [] with int32 indices is slow on CPU
+    grad_w, grad_values = out
+    torch.mm(grad_y2d.t(), x2d, out=grad_w)
+    return grad_w, torch.index_select(grad_w.view(-1), 0, support, out=grad_values)
 
 
 def _low_rank_grads(grad_w: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor]:

@@ -41,12 +41,13 @@ from slcompile import ops, ops_factored
 from slcompile.kernels import autotune, configs
 from slcompile.kernels.host import SUPPORTED_DTYPES, aligned, dot_precision
 
-__all__ = ["CUDA_IMPLEMENTATIONS", "TRITON_SPARSE", "cuda_kernels_registered", "register_cuda_kernels"]
+__all__ = ["CUDA_IMPLEMENTATIONS", "TRITON_SPARSE", "cuda_kernels_registered", "kernel_dtypes", "register_cuda_kernels",
+           "triton_grad_weight"]
 
 _registered = False
 
 
-def _kernel_dtypes(*tensors: Tensor) -> bool:
+def kernel_dtypes(*tensors: Tensor) -> bool:
     """Whether the kernels take these operands: one dtype among :data:`SUPPORTED_DTYPES`."""
     return len({t.dtype for t in tensors}) == 1 and tensors[0].dtype in SUPPORTED_DTYPES
 
@@ -85,7 +86,7 @@ def _aten(body: Callable, *args):
 def _materialize_cuda(A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float) -> Tensor:
     from slcompile.kernels import materialize as kernel
 
-    if not _kernel_dtypes(A, B, values):
+    if not kernel_dtypes(A, B, values):
         with ops.autocast_disabled(A.device.type):  # the torch body of the op (e.g. float64)
             return ops.materialized_weight(A, B, values, support, scale)
     candidates = _kernel_candidates(kernel.materialize, configs.MATERIALIZE, (A, B, values, support),
@@ -94,18 +95,21 @@ def _materialize_cuda(A: Tensor, B: Tensor, values: Tensor, support: Tensor, sca
     return _tuned("materialize", (A, B, values, support), candidates)
 
 
-def _triton_grad_weight(grad_y2d: Tensor, x2d: Tensor, support: Tensor) -> tuple[Tensor, Tensor]:
+def triton_grad_weight(grad_y2d: Tensor, x2d: Tensor, support: Tensor,
+                       out: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+    """``(dW, dvalues)`` of :func:`slcompile.ops.grad_weight_and_values` (same arguments) by the tuned
+    fastest of the Triton kernel's configurations and the ATen composition (CUDA, kernel dtypes)."""
     from slcompile.kernels.grad_weight import grad_weight
 
     candidates = _kernel_candidates(grad_weight, configs.GRAD_WEIGHT, (grad_y2d, x2d, support),
-                                    (x2d.shape[0], grad_y2d.shape[1], x2d.shape[1]), grad_y2d, x2d, support)
-    candidates["aten"] = _aten(ops.grad_weight_and_values, grad_y2d, x2d, support)
+                                    (x2d.shape[0], grad_y2d.shape[1], x2d.shape[1]), grad_y2d, x2d, support, out=out)
+    candidates["aten"] = _aten(ops.grad_weight_and_values, grad_y2d, x2d, support, out)
     return _tuned("grad_weight", (grad_y2d, x2d, support), candidates)
 
 
 def _sl_linear_backward_cuda(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor,
                              scale: float, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grad_weight = _triton_grad_weight if _kernel_dtypes(grad_y, x, A, B, values) else ops.grad_weight_and_values
+    grad_weight = triton_grad_weight if kernel_dtypes(grad_y, x, A, B, values) else ops.grad_weight_and_values
     return ops.materialized_backward(grad_y, x, A, B, values, support, scale, need_dx, grad_weight)
 
 
@@ -139,13 +143,13 @@ TRITON_SPARSE = ops_factored.SparseProducts(_triton_s_x, _triton_dy_s, _triton_s
 
 def _factored_cuda(x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor, scale: float,
                    bias: Optional[Tensor] = None) -> Tensor:
-    sparse = TRITON_SPARSE if _kernel_dtypes(x, A, B, values) else ops_factored.TORCH_SPARSE
+    sparse = TRITON_SPARSE if kernel_dtypes(x, A, B, values) else ops_factored.TORCH_SPARSE
     return ops_factored.factored_forward(x, A, B, values, support, scale, bias, sparse)
 
 
 def _factored_backward_cuda(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, values: Tensor, support: Tensor,
                             scale: float, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    sparse = TRITON_SPARSE if _kernel_dtypes(grad_y, x, A, B, values) else ops_factored.TORCH_SPARSE
+    sparse = TRITON_SPARSE if kernel_dtypes(grad_y, x, A, B, values) else ops_factored.TORCH_SPARSE
     return ops_factored.factored_backward(grad_y, x, A, B, values, support, scale, need_dx, sparse)
 
 

@@ -92,7 +92,8 @@ def _grad_weight_kernel(
 
 
 def grad_weight(grad_y: Tensor, x: Tensor, support: Tensor, *, write_dw: bool = True,
-                values_dtype: torch.dtype | None = None, **launch: int) -> tuple[Tensor | None, Tensor]:
+                values_dtype: torch.dtype | None = None, out: tuple[Tensor, Tensor] | None = None,
+                **launch: int) -> tuple[Tensor | None, Tensor]:
     """``(dW, dvalues)``: ``dW (out, in) = grad_y^T @ x`` and ``dvalues (nnz,) = dW.view(-1)[support]``.
 
     ``grad_y (N, out)`` and ``x (N, in)``: 2-D, any strides, one dtype of fp16/bf16/fp32.
@@ -101,7 +102,9 @@ def grad_weight(grad_y: Tensor, x: Tensor, support: Tensor, *, write_dw: bool = 
     allocated). ``values_dtype``: dtype of ``dvalues`` (default ``grad_y``'s). ``launch``: any of
     ``block_m``, ``block_n``, ``block_k`` (powers of two in [16, 256], ``ValueError`` otherwise),
     ``num_warps``, ``num_stages``, ``maxnreg``, over the default of :data:`.configs.GRAD_WEIGHT` (``write_dw``)
-    or :data:`.configs.SDDMM` for the operands. ``N == 0`` gives zeros.
+    or :data:`.configs.SDDMM` for the operands. ``out``: optional ``(dW, dvalues)`` destinations
+    (``write_dw`` only; ``dW (out, in)`` any strides, ``dvalues (nnz,)`` contiguous, ``grad_y``'s
+    dtype), written and returned. ``N == 0`` gives zeros.
     """
     listed = configs.GRAD_WEIGHT if write_dw else configs.SDDMM
     unknown = set(launch) - set(configs.default(listed, x.dtype, "tf32", True))
@@ -115,10 +118,20 @@ def grad_weight(grad_y: Tensor, x: Tensor, support: Tensor, *, write_dw: bool = 
                         f"got {grad_y.dtype} and {x.dtype}")
     check_index("support", support)
     tokens, out_features, in_features = x.shape[0], grad_y.shape[1], x.shape[1]
-    dw = torch.empty(out_features, in_features, device=x.device, dtype=x.dtype) if write_dw else None
-    dvalues = torch.empty(support.numel(), device=x.device, dtype=values_dtype or grad_y.dtype)
+    if out is None:
+        dw = torch.empty(out_features, in_features, device=x.device, dtype=x.dtype) if write_dw else None
+        dvalues = torch.empty(support.numel(), device=x.device, dtype=values_dtype or grad_y.dtype)
+    else:
+        dw, dvalues = out
+        if not write_dw or values_dtype not in (None, x.dtype):
+            raise ValueError("grad_weight: out is for write_dw=True with dvalues in grad_y's dtype")
+        if dw.shape != (out_features, in_features) or dvalues.shape != support.shape or not dvalues.is_contiguous() \
+                or dw.dtype != x.dtype or dvalues.dtype != x.dtype:
+            raise ValueError(f"grad_weight: out must be dW ({out_features}, {in_features}) and contiguous dvalues "
+                             f"{tuple(support.shape)}, both {x.dtype}; got {tuple(dw.shape)} {dw.dtype} and "
+                             f"{tuple(dvalues.shape)} {dvalues.dtype}")
     if out_features * in_features == 0:
-        return dw, dvalues
+        return dw, dvalues.zero_()
     precision = dot_precision(x.dtype)
     is_aligned = aligned((grad_y, x, support), (tokens, out_features, in_features))
     config = {**configs.default(listed, x.dtype, precision, is_aligned), **launch}
@@ -139,5 +152,5 @@ def grad_weight(grad_y: Tensor, x: Tensor, support: Tensor, *, write_dw: bool = 
         maxnreg=config["maxnreg"] if from_dw else None,  # configs.GRAD_WEIGHT: the cap is for this epilogue
     )
     if index.perm is not None:  # computed in sorted order: put each back at its own position
-        dvalues = torch.empty_like(dvalues).index_copy_(0, index.perm, dvalues)
+        dvalues.copy_(torch.empty_like(dvalues).index_copy_(0, index.perm, dvalues))
     return dw, dvalues

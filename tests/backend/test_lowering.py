@@ -23,6 +23,7 @@ import slcompile
 import slcompile.backend as backend
 from slcompile import lowering, ops
 from slcompile._compat import custom_graph_passes
+from slcompile.support import generate_support
 
 NO_PASSES = {"pattern_sltrain": False, "choose_path": False, "fx_graph_cache": False}
 
@@ -60,6 +61,10 @@ def test_installed_only_inside_and_restored(monkeypatch):
         default, args = lowerings[lowering.MATERIALIZE](1, 2)
         assert args == (1, 2) and (default is before if before else default._is_fallback_handler)
     assert lowerings.get(lowering.MATERIALIZE) is before
+    others = {op: lowerings.get(op) for op in (lowering.SL_LINEAR, lowering.SL_LINEAR_BACKWARD)}
+    with lowering.installed():
+        assert all(lowerings[op] is not entry for op, entry in others.items())
+    assert all(lowerings.get(op) is entry for op, entry in others.items())
     lowerings[lowering.MATERIALIZE] = sentinel = object()
     try:
         with lowering.installed():
@@ -239,3 +244,73 @@ def test_fused_inputs_autotuned_on_cpu(monkeypatch):
     assert tuned.count("slcompile_materialize") == 2
     for got, ref in zip(compiled, eager):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_grad_weight_choices_for_cuda_nodes(graph_handler, monkeypatch):
+    """The ``dW`` + ``dvalues`` step on CUDA: our tuned kernel and the ATen composition, one packed
+    output layout (``dvalues`` 16-element aligned after ``dW``), a ``support`` generator."""
+    seen = {}
+    monkeypatch.setattr(select_algorithm, "autotune_select_algorithm",
+                        lambda name, choices, inputs, layout, input_gen_fns=None:
+                        seen.update(name=name, choices=choices, layout=layout, gen=input_gen_fns) or choices[0])
+    g, x = ir_buffer("g", [10, 7]), ir_buffer("x", [10, 33])
+    support = ir_buffer("s", [23], torch.int32)
+    choices, layout, gen = lowering.grad_weight_choices(g, x, support, (7, 33, 23))
+    assert [c.name for c in choices] == ["slcompile_grad_weight", "slcompile_grad_weight_aten"]
+    assert lowering.packed_offset(7, 33) == 240 and layout.size == [240 + 23] and layout.dtype == torch.bfloat16
+    generated = gen[2](ir_buffer("s_cpu", [23], torch.int32, "cpu"))
+    assert generated.unique().numel() == 23 and generated.max() < 7 * 33
+
+
+@pytest.mark.parametrize("choice", [lowering.grad_weight_kernel, lowering.grad_weight_aten])
+def test_grad_weight_choices_fill_the_packed_buffer(choice):
+    gen = torch.Generator().manual_seed(0)
+    g, x = torch.randn(10, 7, generator=gen), torch.randn(10, 33, generator=gen)
+    support = generate_support(7, 33, 23, 0)
+    packed = torch.full((lowering.packed_offset(7, 33) + 23,), float("nan"))
+    assert choice(g, x, support, out=packed) is packed
+    dw, dvalues = ops.grad_weight_and_values(g, x, support)
+    torch.testing.assert_close(packed[:7 * 33].view(7, 33), dw)
+    torch.testing.assert_close(packed[240:], dvalues)
+
+
+@pytest.mark.compile
+def test_sl_linear_forward_and_backward_autotuned_on_cpu(monkeypatch):
+    """The default ``sl_linear`` path under max-autotune with ``"cpu"`` allowed: forward and
+    backward decompose into autotuned ``materialize`` and ``dW`` + ``dvalues`` nodes and Inductor
+    ``mm`` nodes; values and gradients (3-D input, bias, first layer without ``dx``) equal eager
+    in float64, and no ``sl_linear`` op is left in the code."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(lowering, "TUNED_DEVICES", ("cuda", "cpu"))
+    tuned = []
+    real = select_algorithm.autotune_select_algorithm
+    monkeypatch.setattr(select_algorithm, "autotune_select_algorithm",
+                        lambda name, *args, **kwargs: tuned.append(name) or real(name, *args, **kwargs))
+    torch.manual_seed(0)
+    first = slcompile.SLLinear(24, 16, rank=4, density=0.1, bias=True, path="materialize")
+    second = slcompile.SLLinear(16, 8, rank=3, density=0.2, seed=1, path="materialize")
+    model = torch.nn.Sequential(first, torch.nn.GELU(), second).double()
+    for layer in (first, second):
+        torch.nn.init.normal_(layer.B)
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+
+    def values_and_grads(fn):
+        model.zero_grad(set_to_none=True)
+        y = fn(x)
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
+        return [y.detach()] + [p.grad for p in model.parameters()]
+
+    eager = values_and_grads(model)
+    torch._dynamo.reset()
+    options = {**NO_PASSES, "max_autotune": True, "max_autotune_gemm_backends": "ATEN"}
+    compiled, (forward_code, backward_code) = run_and_get_code(
+        lambda: values_and_grads(torch.compile(model, backend="slcompile", options=options)))
+    for got, ref in zip(compiled, eager):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert tuned.count("slcompile_materialize") == 3  # two forwards, the second layer's dx
+    assert tuned.count("slcompile_grad_weight") == 2
+    for code in (forward_code, backward_code):
+        calls = [line for line in code.splitlines() if not line.lstrip().startswith("#")]
+        assert not [line for line in calls if "slcompile.sl_linear" in line]
+        assert any("extern_kernels.mm(" in line or "extern_kernels.addmm(" in line for line in calls)

@@ -229,6 +229,28 @@ def test_grad_weight_unsorted_duplicate_int64_support_and_values_dtype():
         torch.testing.assert_close(grad_values.cpu().double(), ref, rtol=0, atol=1e-4)  # fp32 acc, rounded once
 
 
+def test_grad_weight_writes_into_given_outputs():
+    """``out=``: dW and dvalues written into views of one packed buffer (as the Inductor lowering
+    passes them), unsorted support included; the sentinel around them untouched."""
+    gen = torch.Generator().manual_seed(6)
+    grad_y = torch.randn(11, 7, generator=gen).to(kernels.device)
+    x = torch.randn(11, 33, generator=gen).to(kernels.device)
+    _, _, _, support = factors(7, 33, 1, 0.3, torch.float32, kernels.device)
+    for index in (support, support[torch.randperm(support.numel(), generator=gen).to(kernels.device)]):
+        packed = torch.full((7 * 33 + index.numel() + 3,), float("nan"), device=kernels.device)
+        dw, dvalues = packed[:7 * 33].view(7, 33), packed[7 * 33:-3]
+        got = kernels.grad_weight.grad_weight(grad_y, x, index, out=(dw, dvalues), block_m=16, block_n=16,
+                                              block_k=16, num_warps=4)
+        assert got[0] is dw and got[1] is dvalues and bool(packed[-3:].isnan().all())
+        ref = grad_y.cpu().double().t() @ x.cpu().double()
+        torch.testing.assert_close(dw.cpu().double(), ref, rtol=0, atol=1e-4)
+        torch.testing.assert_close(dvalues.cpu().double(), ref.view(-1)[index.cpu().long()], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="out must be dW \\(7, 33\\)"):
+        kernels.grad_weight.grad_weight(grad_y, x, support, out=(dw.t(), dvalues))
+    with pytest.raises(ValueError, match="write_dw=True"):
+        kernels.grad_weight.grad_weight(grad_y, x, support, write_dw=False, out=(dw, dvalues))
+
+
 def test_grad_weight_rejects_bad_arguments():
     g, x = torch.randn(4, 7, device=kernels.device), torch.randn(5, 9, device=kernels.device)
     support = torch.zeros(3, dtype=torch.int32, device=kernels.device)

@@ -89,11 +89,14 @@ def test_materialize_and_grad_weight_offer_every_config_and_aten(tuner, dtype):
     torch.testing.assert_close(weight, ops.materialized_weight(A, B, values, support, 0.5))
     timed.clear()
     g, x = torch.randn(16, 32, generator=gen, dtype=dtype), torch.randn(16, 48, generator=gen, dtype=dtype)
-    dw, dvalues = kernels._triton_grad_weight(g, x, support)
+    dw, dvalues = kernels.triton_grad_weight(g, x, support)
     assert timed == labels["g"] + ["aten"]
     want = ops.grad_weight_and_values(g, x, support)
     torch.testing.assert_close(dw, want[0])
     torch.testing.assert_close(dvalues, want[1])
+    out = (torch.empty_like(dw), torch.empty_like(dvalues))
+    assert all(a is b for a, b in zip(kernels.triton_grad_weight(g, x, support, out=out), out))  # tuned: ATen
+    torch.testing.assert_close(out[1], want[1])
     timed.clear()
-    kernels._triton_grad_weight(g[:15], x[:15], support)  # 15 tokens: no aligned-only tile is offered
+    kernels.triton_grad_weight(g[:15], x[:15], support)  # 15 tokens: no aligned-only tile is offered
     assert timed == [label for label, c in zip(labels["g"], configs.GRAD_WEIGHT[kind]) if not c["aligned"]] + ["aten"]

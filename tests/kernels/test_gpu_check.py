@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ["device", "correctness_float32", "correctness_float16", "kernel_timings", "layer_bench", "memory_7b"]
+STEPS = ["device", "correctness_float32", "correctness_float16", "kernel_timings", "layer_bench", "layer_autotune",
+         "memory_7b"]
 
 
 def test_gpu_check_dry_run(tmp_path):
@@ -35,6 +36,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert timing and all(ms > 0 for row in timing for ms in row["ms"].values())
     layer = results["layer_bench"]["results"]
     assert [r["config"] for r in layer] == ["llama-tiny"] and set(layer[0]["time_ms"]) == {
-        "dense", "autograd", "sllinear", "backend", "backend_autotune"}
+        "dense", "autograd", "sllinear", "backend"}
+    autotuned = results["layer_autotune"]["results"][0]["time_ms"]
+    assert set(autotuned) == {"dense", "sllinear", "backend", "backend_autotune"}
     peaks = results["memory_7b"]["fwd_bwd_peak_bytes"]
     assert peaks["dense"]["peak"] > 0 and peaks["sllinear"]["peak"] > 0
