@@ -22,6 +22,8 @@ Design (the simplest one that works with our custom op and the per-layer optimiz
 - Arbitrary in-place arithmetic (e.g. a plain ``torch.optim.AdamW`` doing ``p.mul_``) raises:
   it would round to nearest after every op and silently stall training. ``copy_`` (checkpoint
   loading) and the init ops (``zero_``, ``fill_``, ``uniform_``, ``normal_``) round to nearest.
+  A write into a slice of a 1-D tensor (``values[a:b].copy_(x)``) requantizes the whole tensor,
+  whose scale the slice shares (the entries around it keep their values to rounding).
 
 - FSDP2 (``fully_shard``, dim-0 shards): the row ops FSDP2 applies to a parameter (``split``,
   ``slice``, ``as_strided`` of whole rows, ``new_zeros``, ``view``) act on ``codes`` and on the
@@ -126,11 +128,37 @@ class Int8Weight(Tensor):
         """Store ``x`` (same shape) in place: new codes and scales, stochastic rounding by default."""
         if x.shape != self.shape:
             raise ValueError(f"Int8Weight.requantize_: shape {tuple(x.shape)} != {tuple(self.shape)}")
+        whole, start = self._scale_owner()
+        if whole is not None:  # part of a 1-D tensor: its scale also decodes the entries around it
+            value = whole.dequantize()
+            value[start:start + self.numel()] = x.to(value.dtype)
+            whole.requantize_(value, stochastic=stochastic, generator=generator)
+            return self
         codes, scale = quantize_int8(x, stochastic=stochastic, generator=generator,
                                      blocks=len(self.scale) if self.ndim == 1 else 1)
         self.codes.copy_(codes)
         self.scale.copy_(scale)
         return self
+
+    def _scale_owner(self) -> tuple["Int8Weight | None", int]:
+        """For a slice of a 1-D tensor (``values[a:b]``), ``(the whole tensor, where the slice
+        starts)``: the slice shares its scales, so requantizing only the slice would rescale its
+        neighbours' codes. ``(None, 0)`` otherwise. (Views made in ``__torch_dispatch__`` have no
+        ``_base``: :func:`_rows` records the owner.)"""
+        owner = getattr(self, "_owner", None)
+        if owner is None:
+            return None, 0
+        codes, start = owner
+        return Int8Weight(codes, self.scale, self.dtype), start
+
+    def _scale_free(self) -> bool:
+        """Whether new scales may be written without requantizing anything else: not a slice of a
+        1-D tensor, or one whose other entries are all zero (FSDP2's padded shard)."""
+        whole, start = self._scale_owner()
+        if whole is None:
+            return True
+        rest = torch.cat([whole.codes[:start], whole.codes[start + self.numel():]])
+        return not bool(rest.any())
 
     def __repr__(self) -> str:
         return (f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
@@ -175,8 +203,7 @@ class Int8Weight(Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
-            src = args[0]
-            return Int8Weight(src.codes, src.scale, src.dtype)
+            return _alias(args[0])
         if func in _ROW_OPS:
             return _ROW_OPS[func](*args, **kwargs)
         if func._schema.is_mutable and isinstance(args[0], Int8Weight):
@@ -197,7 +224,8 @@ def _inplace(func, args, kwargs) -> Int8Weight:
             f"Int8Weight does not support in-place aten.{name}: update int8 weights through "
             "slcompile.optim.build(...), which dequantizes, steps in full precision and requantizes "
             "with stochastic rounding (a plain torch optimizer would round every sub-operation)")
-    if name == "copy_" and isinstance(args[1], Int8Weight) and args[1].shape == dst.shape:
+    if name == "copy_" and isinstance(args[1], Int8Weight) and args[1].shape == dst.shape \
+            and dst._scale_free():
         dst.codes.copy_(args[1].codes)
         dst.scale.copy_(args[1].scale)
         return dst
@@ -207,18 +235,27 @@ def _inplace(func, args, kwargs) -> Int8Weight:
     return dst.requantize_(value, stochastic=False)
 
 
+def _alias(src: Int8Weight) -> Int8Weight:
+    """``src`` again (detach, alias, a view of its own shape), a slice's owner included."""
+    out = Int8Weight(src.codes, src.scale, src.dtype)
+    out._owner = getattr(src, "_owner", None)
+    return out
+
+
 def _rows(src: Int8Weight, start: int, stop: int) -> Int8Weight:
     """Rows ``[start, stop)`` of ``src`` as a view (codes and their scales); a 1-D tensor keeps its
-    scales, which must then still cover the same blocks."""
+    scales, which must then still cover the same blocks, and records the whole tensor it is part of."""
     codes = src.codes[start:stop]
     if src.ndim >= 2:
-        scale = src.scale[start:stop]
-    elif len(src.scale) == 1 or (start == 0 and math.ceil(len(codes) / len(src.scale))
-                                 == math.ceil(len(src.codes) / len(src.scale))):
-        scale = src.scale
-    else:
+        return Int8Weight(codes, src.scale[start:stop], src.dtype)
+    if not (len(src.scale) == 1 or (start == 0 and math.ceil(len(codes) / len(src.scale))
+                                    == math.ceil(len(src.codes) / len(src.scale)))):
         raise NotImplementedError(f"Int8Weight: rows {start}:{stop} of a 1-D tensor with {len(src.scale)} block scales")
-    return Int8Weight(codes, scale, src.dtype)
+    out = Int8Weight(codes, src.scale, src.dtype)
+    whole, offset = getattr(src, "_owner", None) or (src.codes, 0)
+    if len(codes) != len(whole):
+        out._owner = (whole, offset + start)
+    return out
 
 
 def _split(src: Int8Weight, size: int, dim: int = 0) -> list[Int8Weight]:
@@ -249,7 +286,7 @@ def _view(src: Int8Weight, size) -> Tensor:
     ``view(-1)`` as its flat data, which it only reads for parameters without an all-gather
     extension; per-row scales cannot be flattened. Any other shape: the dequantized tensor's view."""
     if len(size) == 1 and size[0] in (-1, src.numel()) or tuple(size) == tuple(src.shape):
-        return Int8Weight(src.codes, src.scale, src.dtype)
+        return _alias(src)
     return src.dequantize().view(size)
 
 

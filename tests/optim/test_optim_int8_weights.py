@@ -188,3 +188,19 @@ def test_one_dimensional_block_scales():
     assert scale.tolist() == pytest.approx([10 / 127, 5 / 127]) and codes.tolist() == [13, 6, 127, -127, 51]
     weight = Int8Weight(codes, scale, torch.float32)
     torch.testing.assert_close(weight.dequantize(), codes.float() * torch.tensor([10, 10, 10, 5, 5]) / 127)
+
+
+@pytest.mark.parametrize("write", ["copy", "requantize", "int8_copy"])
+def test_a_write_into_a_slice_of_a_1d_weight_keeps_the_other_entries(write):
+    """The slice shares the tensor's scale: a write into it must not rescale its neighbours."""
+    weight = Int8Weight.from_float(torch.tensor([1.0, 2.0, 3.0, 100.0]))
+    new = torch.tensor([0.5, -0.25])
+    if write == "copy":
+        weight[0:2].copy_(new)
+    elif write == "requantize":
+        weight[0:2].requantize_(new, stochastic=False)
+    else:
+        weight[0:2].copy_(Int8Weight.from_float(new))
+    step = 100 / 127  # the scale stays the absmax of the whole tensor
+    torch.testing.assert_close(weight.dequantize(), torch.tensor([0.5, -0.25, 3.0, 100.0]), rtol=0, atol=step / 2)
+    assert weight.scale.item() == pytest.approx(step)
