@@ -29,8 +29,10 @@ then run their torch implementation on CUDA too. The CPU implementation is alway
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+from collections.abc import Mapping
 from functools import partial
 from typing import Callable, Optional
 
@@ -57,7 +59,26 @@ def _label(config: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in config.items())
 
 
-def _tuned(op: str, operands: tuple[Tensor, ...], candidates: dict[str, Callable[[], object]]):
+class _Candidates(Mapping):
+    """``label -> zero-argument callable``, each made on first access from its launch
+    configuration (``None``: the ATen route): a call whose key is tuned builds only the one it runs."""
+
+    def __init__(self, offers: dict[str, Optional[dict]], make: Callable[[Optional[dict]], Callable[[], object]]):
+        self._offers, self._make, self._made = offers, make, {}
+
+    def __getitem__(self, label: str) -> Callable[[], object]:
+        if label not in self._made:
+            self._made[label] = self._make(self._offers[label])
+        return self._made[label]
+
+    def __iter__(self):
+        return iter(self._offers)
+
+    def __len__(self) -> int:
+        return len(self._offers)
+
+
+def _tuned(op: str, operands: tuple[Tensor, ...], candidates: Mapping[str, Callable[[], object]]):
     """Run the candidate :func:`.autotune.pick` chooses for ``op`` on these operands' shapes,
     strides and dtypes (and the ``tl.dot`` precision, which changes with torch's TF32 setting)."""
     # The offered labels are part of the key: alignment (data pointers) changes what is offered.
@@ -66,13 +87,24 @@ def _tuned(op: str, operands: tuple[Tensor, ...], candidates: dict[str, Callable
     return candidates[autotune.pick(key, candidates, operands[0].device)]()
 
 
-def _kernel_candidates(host: Callable, listed: dict[str, list[dict]], operands: tuple[Tensor, ...],
-                       sizes: tuple[int, ...], *args, **kwargs) -> dict[str, Callable[[], object]]:
-    """The Triton host function ``host`` in each configuration of ``listed`` it offers for
-    ``operands`` (their dtype, and whether they and ``sizes`` are aligned: :func:`.host.aligned`)."""
+@functools.lru_cache(maxsize=None)
+def _offers(listed: str, dtype: torch.dtype, precision: str, is_aligned: bool, with_aten: bool
+            ) -> dict[str, Optional[dict]]:
+    """``label -> launch keywords`` of every configuration of ``configs.<listed>`` offered for
+    these operands (the default first), plus ``"aten": None`` if ``with_aten``. Cached: the same
+    few keys recur on every call."""
+    offered = {_label(c): c for c in configs.offered(getattr(configs, listed), dtype, precision, is_aligned)}
+    return {**offered, "aten": None} if with_aten else offered
+
+
+def _kernel_candidates(host: Callable, listed: str, operands: tuple[Tensor, ...], sizes: tuple[int, ...],
+                       *args, aten: Optional[Callable[[], object]] = None, **kwargs) -> _Candidates:
+    """The Triton host function ``host(*args, **kwargs)`` in each configuration of
+    ``configs.<listed>`` it offers for ``operands`` (their dtype, and whether they and ``sizes``
+    are aligned: :func:`.host.aligned`), then ``aten`` if given."""
     dtype = operands[0].dtype
-    offered = configs.offered(listed, dtype, dot_precision(dtype), aligned(operands, sizes))
-    return {_label(c): partial(host, *args, **kwargs, **c) for c in offered}
+    offers = _offers(listed, dtype, dot_precision(dtype), aligned(operands, sizes), aten is not None)
+    return _Candidates(offers, lambda c: aten if c is None else partial(host, *args, **kwargs, **c))
 
 
 def _aten(body: Callable, *args):
@@ -89,9 +121,9 @@ def _materialize_cuda(A: Tensor, B: Tensor, values: Tensor, support: Tensor, sca
     if not kernel_dtypes(A, B, values):
         with ops.autocast_disabled(A.device.type):  # the torch body of the op (e.g. float64)
             return ops.materialized_weight(A, B, values, support, scale)
-    candidates = _kernel_candidates(kernel.materialize, configs.MATERIALIZE, (A, B, values, support),
-                                    (*B.shape, A.shape[1]), A, B, values, support, scale)
-    candidates["aten"] = _aten(ops.materialized_weight, A, B, values, support, scale)
+    candidates = _kernel_candidates(kernel.materialize, "MATERIALIZE", (A, B, values, support),
+                                    (*B.shape, A.shape[1]), A, B, values, support, scale,
+                                    aten=_aten(ops.materialized_weight, A, B, values, support, scale))
     return _tuned("materialize", (A, B, values, support), candidates)
 
 
@@ -101,9 +133,9 @@ def triton_grad_weight(grad_y2d: Tensor, x2d: Tensor, support: Tensor,
     fastest of the Triton kernel's configurations and the ATen composition (CUDA, kernel dtypes)."""
     from slcompile.kernels.grad_weight import grad_weight
 
-    candidates = _kernel_candidates(grad_weight, configs.GRAD_WEIGHT, (grad_y2d, x2d, support),
-                                    (x2d.shape[0], grad_y2d.shape[1], x2d.shape[1]), grad_y2d, x2d, support, out=out)
-    candidates["aten"] = _aten(ops.grad_weight_and_values, grad_y2d, x2d, support, out)
+    candidates = _kernel_candidates(grad_weight, "GRAD_WEIGHT", (grad_y2d, x2d, support),
+                                    (x2d.shape[0], grad_y2d.shape[1], x2d.shape[1]), grad_y2d, x2d, support, out=out,
+                                    aten=_aten(ops.grad_weight_and_values, grad_y2d, x2d, support, out))
     return _tuned("grad_weight", (grad_y2d, x2d, support), candidates)
 
 
@@ -113,10 +145,13 @@ def _sl_linear_backward_cuda(grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor, va
     return ops.materialized_backward(grad_y, x, A, B, values, support, scale, need_dx, grad_weight)
 
 
+_SPMM_OFFERS = {_label(c): c for c in configs.SPMM}
+
+
 def _spmm(crow: Tensor, col: Tensor, csr_values: Tensor, dense: Tensor) -> Tensor:
     from slcompile.kernels.spmm import spmm
 
-    candidates = {_label(c): partial(spmm, crow, col, csr_values, dense, **c) for c in configs.SPMM}
+    candidates = _Candidates(_SPMM_OFFERS, lambda c: partial(spmm, crow, col, csr_values, dense, **c))
     return _tuned("spmm", (crow, col, csr_values, dense), candidates)
 
 
@@ -132,7 +167,7 @@ def _triton_sampled(index: ops_factored.SparseIndex, support: Tensor, g2d: Tenso
                     dtype: torch.dtype) -> Tensor:
     from slcompile.kernels.grad_weight import grad_weight
 
-    candidates = _kernel_candidates(grad_weight, configs.SDDMM, (g2d, x2d, support),
+    candidates = _kernel_candidates(grad_weight, "SDDMM", (g2d, x2d, support),
                                     (x2d.shape[0], g2d.shape[1], x2d.shape[1]), g2d, x2d, support, write_dw=False,
                                     values_dtype=dtype)
     return _tuned(f"sddmm {dtype}", (g2d, x2d, support), candidates)[1]

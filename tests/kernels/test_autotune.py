@@ -100,3 +100,24 @@ def test_materialize_and_grad_weight_offer_every_config_and_aten(tuner, dtype):
     timed.clear()
     kernels.triton_grad_weight(g[:15], x[:15], support)  # 15 tokens: no aligned-only tile is offered
     assert timed == [label for label, c in zip(labels["g"], configs.GRAD_WEIGHT[kind]) if not c["aligned"]] + ["aten"]
+
+
+def test_a_tuned_key_builds_only_the_candidate_it_runs(monkeypatch):
+    """The hot path: once a key is tuned, a call makes one callable, not one per configuration."""
+    autotune.clear()
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    monkeypatch.setattr(autotune, "_time", lambda run: {"a": 2.0, "b": 1.0}.get(next(iter(run() or {"aten": 0})), 3.0))
+    made = []
+
+    def make(config):
+        made.append(config)
+        return lambda: config
+
+    offers = {"a": {"a": 1}, "b": {"b": 1}, "aten": None}
+    x = torch.zeros(4)
+    assert kernels._tuned("op", (x,), kernels._Candidates(offers, make)) == {"b": 1}
+    assert made == [{"a": 1}, {"b": 1}, None]  # the first call timed each once
+    made.clear()
+    assert kernels._tuned("op", (x,), kernels._Candidates(offers, make)) == {"b": 1}
+    assert made == [{"b": 1}]
+    autotune.clear()
