@@ -11,6 +11,13 @@ backward raises, as for the ops.
 
 The Functions use the ``forward(ctx, ...)`` form: with a separate ``setup_context``,
 ``Function.apply`` binds the arguments through ``inspect.signature`` on every call.
+
+Under ``torch.func`` transforms (``grad``, ``vmap``, per-sample gradients as
+``vmap(grad(...))``) neither can run: the custom ops' autograd wrapper and the ``forward(ctx,
+...)`` form are refused by functorch, so :class:`FuncMaterialized` (a separate
+``setup_context``, ``generate_vmap_rule``) runs the materialize path's torch bodies on every
+device. Always that path: the factored path's sparse CSR products do not support functorch;
+the two paths give the same values.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ from torch import Tensor, nn
 
 from slcompile import ops, ops_factored
 
-__all__ = ["EagerFactored", "EagerMaterialized", "can_run"]
+__all__ = ["EagerFactored", "EagerMaterialized", "FuncMaterialized", "can_run", "functorch_active"]
 
 _PLAIN = (Tensor, nn.Parameter)  # no subclass: its dispatch must see the op
 
@@ -31,8 +38,13 @@ def can_run(x: Tensor, *params: Tensor | None) -> bool:
     nothing compiling, tracing (make_fx, fake or functional tensors) or transforming (vmap, grad)."""
     # torch has no public query for an active dispatch mode or functorch transform.
     return (x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
+            and torch._C._len_torch_dispatch_stack() == 0 and not functorch_active()
             and all(type(t) in _PLAIN for t in (x, *params) if t is not None))
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ...) is active."""
+    return torch._C._are_functorch_transforms_active()
 
 
 class _EagerSLLinear(torch.autograd.Function):
@@ -71,3 +83,17 @@ class EagerFactored(_EagerSLLinear):
     grads = staticmethod(ops.make_backward(functools.partial(ops_factored.factored_backward,
                                                              sparse=ops_factored.TORCH_SPARSE)))
     op_grads = staticmethod(ops.make_backward(ops_factored.sl_linear_factored_backward))
+
+
+class FuncMaterialized(torch.autograd.Function):
+    """The materialize path for ``torch.func`` transforms (module doc): ``apply(x, A, B, values,
+    support, scale, bias) -> y``, the torch bodies of ``sl_linear`` and its backward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, A, B, values, support, scale, bias):
+        return EagerMaterialized.body(x, A, B, values, support, scale, bias)
+
+    setup_context = staticmethod(ops.setup_context)
+    backward = staticmethod(EagerMaterialized.grads)

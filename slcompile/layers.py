@@ -194,7 +194,10 @@ class SLLinear(nn.Module):
 
     def _op(self, x: Tensor | None, *params: Tensor):
         """What runs this call: the custom op of :meth:`path_for`, or where :func:`slcompile.eager.can_run`
-        the same bodies as an ``autograd.Function`` without the dispatcher's overhead."""
+        the same bodies as an ``autograd.Function`` without the dispatcher's overhead; under
+        ``torch.func`` transforms the materialize path's bodies (:class:`slcompile.eager.FuncMaterialized`)."""
+        if x is not None and eager.functorch_active():
+            return eager.FuncMaterialized.apply
         factored = self.path_for(x) == "factored"
         if x is not None and eager.can_run(x, *params):
             return (eager.EagerFactored if factored else eager.EagerMaterialized).apply

@@ -353,3 +353,50 @@ def test_weight_dtype_reads_work_under_compile():
 
     model, x = T5Style(), torch.randn(3, 8, dtype=torch.float64)
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+
+
+@pytest.mark.parametrize("path", ["materialize", "factored", "auto"])
+def test_torch_func_grad_vmap_and_per_sample_gradients(path):
+    """``torch.func``: grad, vmap over inputs, per-sample gradients (vmap of grad) and a Hessian-vector
+    product (grad of grad) through ``functional_call``, each against the dense float64 reference.
+    Forward-mode AD (``jvp``) has no rule: torch says so."""
+    from torch.func import functional_call, grad, jvp, vmap
+
+    layer = _randomized(SLLinear(9, 7, rank=3, density=0.3, path=path, dtype=torch.float64), 2)
+    names = ("A", "B", "values", "bias")
+    params = {name: getattr(layer, name).detach() for name in names}
+    x = torch.randn(5, 9, dtype=torch.float64)
+
+    def reference(p, inputs):
+        weight = dense_reference_weight(p["A"], p["B"], p["values"], layer.support, layer.scale)
+        return torch.nn.functional.linear(inputs, weight, p["bias"])
+
+    def loss(fn, p, inputs):
+        return fn(p, inputs).sin().sum()
+
+    def ours(p, inputs):
+        return functional_call(layer, p, (inputs,))
+
+    got, want = (grad(lambda p: loss(fn, p, x))(params) for fn in (ours, reference))
+    for name in names:
+        torch.testing.assert_close(got[name], want[name])
+    batched = torch.randn(3, 5, 9, dtype=torch.float64)
+    torch.testing.assert_close(vmap(lambda inputs: ours(params, inputs))(batched), reference(params, batched))
+    per_sample = [vmap(grad(lambda p, row: loss(fn, p, row[None])), in_dims=(None, 0))(params, x)
+                  for fn in (ours, reference)]
+    for name in names:
+        assert per_sample[0][name].shape == (5, *params[name].shape)
+        torch.testing.assert_close(per_sample[0][name], per_sample[1][name])
+    tangent = {name: torch.randn_like(value) for name, value in params.items()}
+
+    def hvp(fn):
+        def directional(p):
+            gradient = grad(lambda q: loss(fn, q, x))(p)
+            return sum((gradient[name] * tangent[name]).sum() for name in names)
+        return grad(directional)(params)
+
+    got, want = hvp(ours), hvp(reference)
+    for name in names:
+        torch.testing.assert_close(got[name], want[name])
+    with pytest.raises(NotImplementedError, match="jvp"):
+        jvp(lambda p: ours(p, x), (params,), (tangent,))
