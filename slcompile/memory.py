@@ -276,7 +276,8 @@ def memory_model(method: str = "sltrain", *, per_layer: bool = False, state_bits
             (a buffer) and activations are not sharded. The backward also holds the largest
             FSDP2 unit (the root: embedding, head, final norm; or one decoder layer) all-gathered
             with its unsharded gradient, and the forward its all-gathered parameters (modeled,
-            not measured). Not with ``weight_dtype="int8"`` (int8 weights are not sharded).
+            not measured). ``weight_dtype="int8"`` needs ``per_layer`` here (as the trainer):
+            each rank stores its rows' int8 codes and scales, and a gathered unit is int8 too.
 
     Cached: the same arguments return the same (immutable) breakdown.
     """
@@ -301,9 +302,9 @@ def _check_options(method, per_layer, state_bits, weight_dtype, weight_scale, in
     check_bool("foreach", foreach)
     _choice("device", device, DEVICES)
     check_int("world_size", world_size, 1)
-    if world_size > 1 and weight_dtype == "int8":
-        raise ValueError("weight_dtype 'int8' with world_size > 1: int8 weights are not sharded by FSDP2 "
-                         "(slcompile refuses --int8-weights with --parallel)")
+    if world_size > 1 and weight_dtype == "int8" and not per_layer:
+        raise ValueError("weight_dtype 'int8' with world_size > 1 needs per_layer=True (the trainer's "
+                         "--parallel --int8-weights runs the per-layer optimizer)")
     if compute_dtype == "fp32" and weight_dtype == "bf16":
         raise ValueError("compute_dtype 'fp32' needs weight_dtype 'fp32' or 'int8', got weight_dtype 'bf16'")
 
@@ -352,7 +353,8 @@ def _memory_model(method: str, per_layer: bool, state_bits: int, weight_dtype: s
     elem = c if int8 else _DTYPE_BYTES[weight_dtype]
     full_tensors = _tensors(method)
     # One rank's shard of every trainable tensor (FSDP2 shards along the first dimension).
-    tensors = [replace(t, numel=sympy.ceiling(t.numel / world_size)) for t in full_tensors]
+    tensors = [replace(t, numel=sympy.ceiling(t.numel / world_size), rows=sympy.ceiling(t.rows / world_size))
+               for t in full_tensors]
     shapes = _linear_shapes()
     tokens = b * s
 
@@ -416,9 +418,18 @@ def _memory_model(method: str, per_layer: bool, state_bits: int, weight_dtype: s
         optimizer_transient = _max(update_bytes(t) for t in tensors)
 
     persistent = parameters + support + optimizer_states
-    # FSDP2: the largest unit's all-gathered parameters (forward), with its unsharded gradient (backward).
-    gathered = elem * _max([2 * vocab * dim + dim, layer_numel]) if world_size > 1 else sympy.Integer(0)
-    transient = transient + 2 * gathered
+    # FSDP2: the largest unit's all-gathered parameters (forward), with its unsharded gradient
+    # (backward). int8 weights travel and stay gathered as codes plus scales (a 1-D tensor then
+    # has one scale per shard); their gradients arrive in the compute dtype.
+    if world_size > 1:
+        gathered_layer = (sum(t.numel + 4 * (t.rows if t.rows != 1 else world_size)
+                              for t in full_tensors if t.in_linear) + 2 * dim * elem
+                          if int8 else elem * layer_numel)
+        gathered = _max([elem * (2 * vocab * dim + dim), gathered_layer])
+        gathered_grads = elem * _max([2 * vocab * dim + dim, layer_numel])
+    else:
+        gathered = gathered_grads = sympy.Integer(0)
+    transient = transient + gathered + gathered_grads
     phases = {"forward_loss": persistent + saved + gathered + loss}
     if per_layer:
         gradients = elem * largest_numel
@@ -426,7 +437,7 @@ def _memory_model(method: str, per_layer: bool, state_bits: int, weight_dtype: s
         # the loss buffers are freed and the head's matmul backward has also produced the
         # gradient of its input, (tokens, dim) in the compute dtype.
         head = tensors[1]
-        phases["backward_head"] = (persistent + saved + c * tokens * dim + 2 * gathered
+        phases["backward_head"] = (persistent + saved + c * tokens * dim + gathered + gathered_grads
                                    + elem * head.numel + update_bytes(head))
         # Then one decoder layer at a time: its backward transients, with one of its tensors'
         # gradient and update at once (counted with every activation still saved: an upper
@@ -565,8 +576,8 @@ def plan_settings(budget_bytes: int, model_config: ConfigLike, batch: int, seq: 
                   **options) -> list[dict[str, object]]:
     """The settings that fit ``budget_bytes`` at ``batch x seq``, smallest peak first.
 
-    Sweeps method x per_layer x state_bits x weights (bf16 or int8; bf16 only with ``world_size >
-    1``) x checkpointing; each row holds those settings and ``peak`` (bytes). ``options`` (e.g.
+    Sweeps method x per_layer x state_bits x weights (bf16 or int8; int8 only with ``per_layer``
+    when ``world_size > 1``) x checkpointing; each row holds those settings and ``peak`` (bytes). ``options`` (e.g.
     ``index_bytes``, ``compute_dtype``, ``rank``, ``world_size``) apply to every setting.
     """
     check_int("budget_bytes", budget_bytes, 0)
@@ -576,8 +587,8 @@ def plan_settings(budget_bytes: int, model_config: ConfigLike, batch: int, seq: 
     rows = []
     for method, per_layer, bits, int8, ckpt in itertools.product(
             METHODS, (False, True), STATE_BITS, (False, True), (False, True)):
-        if int8 and options.get("world_size", 1) > 1:
-            continue  # int8 weights are not sharded
+        if int8 and not per_layer and options.get("world_size", 1) > 1:
+            continue  # int8 weights under FSDP2 need the per-layer optimizer
         peak = estimate(model_config, method, batch, seq, per_layer=per_layer, state_bits=bits,
                         weight_dtype="int8" if int8 else "bf16", checkpointing=ckpt,
                         **options)["peak"]

@@ -115,7 +115,8 @@ def test_world_size_shards_parameters_gradients_and_states():
     assert eight["support"] == one["support"] and eight["activations"] == one["activations"]
     assert eight["peak"] < one["peak"] / 2
     rows = plan_settings(10**10, "llama-7b", 1, 256, world_size=8)
-    assert rows and not any(row["int8_weights"] for row in rows)
+    assert rows and all(row["per_layer"] for row in rows if row["int8_weights"])
+    assert any(row["int8_weights"] for row in rows)
     assert len(rows) > len(plan_settings(10**10, "llama-7b", 1, 256))  # 45 vs 5: sharding lets more fit
     # Quantization is decided per shard: 8 ranks cut a 64 x 64 tensor (4096 elements, quantized
     # whole) into 512-element shards, which keep plain states of the parameter's dtype.
@@ -316,7 +317,7 @@ BAD_CALLS = [
     ("device", lambda: memory_model("sltrain", device="tpu")),
     ("state_bits", lambda: memory_model("sltrain", state_bits=8.0)),
     ("world_size", lambda: memory_model("sltrain", world_size=0)),
-    ("int8 weights are not sharded", lambda: memory_model("sltrain", weight_dtype="int8", world_size=2)),
+    ("needs per_layer=True", lambda: memory_model("sltrain", weight_dtype="int8", world_size=2)),
     ("batch", lambda: estimate("llama-60m", "full", 0, 256)),
     ("seq", lambda: estimate("llama-60m", "full", 1, 2.5)),
     ("budget_bytes", lambda: plan(-1, "llama-60m")),
@@ -456,3 +457,25 @@ def test_compiled_lowbit_update_matches_the_model(state_bits, dtype, shape, int8
     t = memory._Tensor(sympy.Integer(numel), sympy.Integer(1), sympy.Integer(rows), int8)
     want = memory._update_bytes(t, state_bits=state_bits, elem=c, compute_bytes=c, int8=int8, cpu=True)
     assert want <= replayed_peak(prof) <= want + 64  # + the step counter and lr scalars
+
+
+def test_int8_weights_under_fsdp2_shard_codes_and_row_scales():
+    """int8 + FSDP2 (per-layer, as the trainer): each rank holds its rows' codes and scales, and the
+    gathered decoder layer is int8 too, so both the parameters and the gathered unit shrink."""
+    one, eight = (estimate("llama-7b", "sltrain", 1, 256, per_layer=True, state_bits=8, weight_dtype="int8",
+                           world_size=w) for w in (1, 8))
+    assert one["parameters"] / 8 <= eight["parameters"] < one["parameters"] / 8 * 1.001
+    bf16 = estimate("llama-7b", "sltrain", 1, 256, per_layer=True, state_bits=8, world_size=8)
+    assert eight["parameters"] < bf16["parameters"] * 0.6 and eight["peak"] < bf16["peak"]
+    # The gathered unit in the forward: with a small vocabulary a decoder layer is the largest unit,
+    # gathered as 1-byte codes (plus scales) instead of 2-byte bf16.
+    values = dict(shape_values("llama-7b"), vocab=256, b=1, s=256)
+
+    def forward_beyond_persistent(weight_dtype):
+        model = memory_model("sltrain", per_layer=True, state_bits=8, weight_dtype=weight_dtype, world_size=8)
+        persistent = model.parameters + model.support + model.optimizer_states
+        return evaluate(model.phases["forward_loss"] - persistent, **values)
+
+    layer = evaluate(sum(t.numel for t in memory._tensors("sltrain") if t.in_linear), **values)
+    saved = forward_beyond_persistent("bf16") - forward_beyond_persistent("int8")
+    assert 0.99 * layer < saved <= layer  # one byte per element less, minus the scales
