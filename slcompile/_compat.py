@@ -12,8 +12,8 @@ library touches and the releases it was checked against. Two things differ:
   once the entry point is known.
 
 :func:`default_lowering` builds, through private Inductor names (``make_fallback``,
-``tag_to_layout_constraint``, ``torch._library.utils.get_layout_constraint_tag``; checked on 2.13
-only), the lowering Inductor would create implicitly for a custom op; :func:`selected_node`
+``tag_to_layout_constraint``, ``torch._library.utils.get_layout_constraint_tag``; see
+``docs/compat.md`` for the releases they were read in), the lowering Inductor would create implicitly for a custom op; :func:`selected_node`
 reads ``autotune_select_algorithm``'s result, ``(node, choice)`` in 2.13, the node in releases
 before that change.
 """

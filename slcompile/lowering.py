@@ -25,7 +25,8 @@ So every GEMM of the layer is a node Inductor's autotuner picks an implementatio
 fused step of ours competes with its ATen composition: the compiled layer is never slower than
 the best of those per node. Both outputs of the ``dW`` step live in one packed buffer
 (``dW`` flattened, then ``dvalues`` at :func:`packed_offset`), because a choice has one output
-layout; the lowering hands out views of it. Inductor frees ``W`` after ``dx`` as the opaque op
+layout; ``dW`` is used as a view of it, ``dvalues`` leaves as an ``nnz``-element copy (a view
+returned as ``values.grad`` would keep the dense ``dW`` alive with it). Inductor frees ``W`` after ``dx`` as the opaque op
 does, so a layer still holds at most one ``(out, in)`` transient at a time.
 
 Inductor times the choices on synthetic inputs: random integers as ``support`` would index out of
@@ -251,7 +252,8 @@ def lower_sl_linear_backward(default: Callable, grad_y, x, A, B, values, support
     start = packed_offset(out_features, in_features)
     slice_ = _lowered(aten.slice)
     grad_w = _lowered(aten.reshape)(slice_(packed, 0, 0, out_features * in_features), [out_features, in_features])
-    grad_values = slice_(packed, 0, start, start + nnz)
+    # A copy: a view would keep the whole packed buffer (the dense dW) alive as values.grad.
+    grad_values = _lowered(aten.clone)(slice_(packed, 0, start, start + nnz))
     grad_a = mul(mm(_transposed(B), grad_w), scale)
     grad_b = mul(mm(grad_w, _transposed(A)), scale)
     return grad_x, grad_a, grad_b, grad_values

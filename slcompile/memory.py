@@ -422,7 +422,7 @@ def _memory_model(method: str, per_layer: bool, state_bits: int, weight_dtype: s
     # (backward). int8 weights travel and stay gathered as codes plus scales (a 1-D tensor then
     # has one scale per shard); their gradients arrive in the compute dtype.
     if world_size > 1:
-        gathered_layer = (sum(t.numel + 4 * (t.rows if t.rows != 1 else world_size)
+        gathered_layer = (sum(t.numel + 4 * (t.rows if t.rows != 1 and weight_scale == "row" else world_size)
                               for t in full_tensors if t.in_linear) + 2 * dim * elem
                           if int8 else elem * layer_numel)
         gathered = _max([elem * (2 * vocab * dim + dim), gathered_layer])

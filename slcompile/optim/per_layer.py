@@ -46,7 +46,9 @@ Data parallelism:
   (``torch.distributed.fsdp._fully_shard._fsdp_collectives.foreach_reduce``), so the update runs
   on the local shard right after its reduce-scatter. Accumulation needs a reduce-scatter in every
   backward pass (``set_requires_gradient_sync(True)``): FSDP2 then sums the shards in ``.grad``
-  and the hooks count the passes. The global norm sums the shards' squared norms over the mesh.
+  and the hooks count the passes. The global norm sums the shards' squared norms over the
+  mesh dimension they are sharded along (HSDP: not over the replicas, which hold the same
+  shards), plus once the squared norms of parameters FSDP2 left unsharded.
 - DDP: its bucketed all-reduce finishes after the hooks fire, so do not wrap the model in
   ``DistributedDataParallel``; pass ``data_parallel=group`` instead: in the ``k``-th backward
   pass each gradient is averaged over ``group`` (one all-reduce per parameter, in the hook order,
@@ -83,6 +85,17 @@ __all__ = ["PerLayerOptimizer"]
 
 CLIP_MODES = ("global", "per_param")
 STATE_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's tensors besides ``step`` (torch and torchao alike)
+
+
+def _shard_group(param: DTensor) -> dist.ProcessGroup:
+    """The process group ``param`` is sharded over: its one ``Shard`` mesh dimension (FSDP2's
+    only dimension, HSDP's second; replicas along other dimensions hold the same shards)."""
+    mesh, placements = param.device_mesh, param.placements
+    dims = [i for i, placement in enumerate(placements) if placement.is_shard()]
+    if len(dims) != 1:
+        raise NotImplementedError(f"PerLayerOptimizer: a parameter with placements {placements}: exactly one "
+                                  "Shard mesh dimension (FSDP2, HSDP) is supported")
+    return mesh.get_group(dims[0]) if mesh.ndim > 1 else mesh.get_group()
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -237,7 +250,8 @@ class PerLayerOptimizer(Optimizer):
         self._graph_task: int | None = None
         self._measuring = False          # first pass of a two-pass global clip: norms only
         self._in_closure = False
-        self._norms: list[Tensor] = []
+        self._norms: list[Tensor] = []  # of local shards (summed over _norm_group)
+        self._plain_norms: list[Tensor] = []  # of whole, unsharded gradients (counted once)
         self._total_norm: Tensor | None = None
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
@@ -264,7 +278,11 @@ class PerLayerOptimizer(Optimizer):
             slot = _Slot(param, group, self.state_bits)
             if slot.sharded:
                 self.dense_state_dict = True
-                self._norm_group = param.device_mesh.get_group()
+                shard_group = _shard_group(param)
+                if self._norm_group is not None and shard_group is not self._norm_group:
+                    raise ValueError("PerLayerOptimizer: parameters sharded over different process groups; "
+                                     "global-norm clipping needs one")
+                self._norm_group = shard_group
                 self._norm_device = param.device  # NCCL reduces only device tensors
             self._slots[param] = slot
             self.state[param] = slot.inner.state[slot.key]  # one dict, seen by both
@@ -316,7 +334,7 @@ class PerLayerOptimizer(Optimizer):
                 if slot.param.grad is not None:
                     self._finish(slot)
             self._total_norm = self._global_norm()
-            self._norms = []
+            self._norms, self._plain_norms = [], []
         else:
             self._ready = True
 
@@ -324,11 +342,13 @@ class PerLayerOptimizer(Optimizer):
         """The norm of all gradients of this update from the measured ones (local shards' norms
         under FSDP2: their squares are summed over the mesh)."""
         if self._norm_group is None:
-            return torch.nn.utils.get_total_norm(self._norms) if self._norms else None
-        local = (torch.stack(self._norms).square().sum() if self._norms
-                 else torch.zeros((), device=self._norm_device))
-        dist.all_reduce(local, group=self._norm_group)  # every rank measures (possibly empty) shards
-        return local.sqrt()
+            return torch.nn.utils.get_total_norm(self._plain_norms) if self._plain_norms else None
+        squares = (torch.stack(self._norms).square().sum() if self._norms
+                   else torch.zeros((), device=self._norm_device))
+        dist.all_reduce(squares, group=self._norm_group)  # every rank measures (possibly empty) shards
+        if self._plain_norms:
+            squares = squares + torch.stack(self._plain_norms).to(squares.device).square().sum()
+        return squares.sqrt()
 
     def _finish(self, slot: _Slot) -> None:
         """The gradient of ``slot`` is final for this update: average it over ``data_parallel``,
@@ -343,7 +363,8 @@ class PerLayerOptimizer(Optimizer):
             dist.all_reduce(grad, group=self.data_parallel)  # gloo has no AVG: sum, then divide
             grad.div_(dist.get_world_size(self.data_parallel))
         if self._measuring:
-            self._norms.append(torch.linalg.vector_norm(_local(grad), dtype=torch.float32))
+            norms = self._norms if slot.sharded else self._plain_norms
+            norms.append(torch.linalg.vector_norm(_local(grad), dtype=torch.float32))
             param.grad = None
             return
         if self.max_grad_norm is not None and self.clip == "per_param":
@@ -415,7 +436,7 @@ class PerLayerOptimizer(Optimizer):
             self._apply_pending()
         finally:
             self._in_closure = self._measuring = False
-            self._norms, self._total_norm = [], None
+            self._norms, self._plain_norms, self._total_norm = [], [], None
             self._micro_batches, self._ready = 0, False
         return loss
 

@@ -308,6 +308,8 @@ def test_sl_linear_forward_and_backward_autotuned_on_cpu(monkeypatch):
         lambda: values_and_grads(torch.compile(model, backend="slcompile", options=options)))
     for got, ref in zip(compiled, eager):
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for layer in (first, second):  # values.grad owns nnz elements, not the packed dW + dvalues
+        assert layer.values.grad.untyped_storage().nbytes() == layer.nnz * 8
     assert tuned.count("slcompile_materialize") == 3  # two forwards, the second layer's dx
     assert tuned.count("slcompile_grad_weight") == 2
     for code in (forward_code, backward_code):
