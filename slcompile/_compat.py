@@ -1,7 +1,8 @@
 """Every torch API slcompile uses that differs between torch 2.11 and the newest release.
 
 The supported range is ``torch>=2.11``; ``docs/compat.md`` lists each private torch name the
-library touches and the releases it was checked against. Two things differ:
+library touches and the releases it was checked against. Two things differ (and a third, below,
+for the Inductor lowering):
 
 - Inductor's ``post_grad_custom_post_pass`` takes a list of passes in the releases that have
   ``torch._inductor.custom_graph_pass.get_custom_graph_passes`` (2.13 and 2.14 do); 2.11 takes
@@ -10,6 +11,10 @@ library touches and the releases it was checked against. Two things differ:
   (:func:`register_dynamo_backend`): the public ``register_backend`` asserts on a duplicate name,
   which the entry point would hit when it imports this package, so the registration steps aside
   once the entry point is known.
+
+:func:`extern_kernel_choice` returns the ``ExternKernelChoice`` registered under a name, making it
+once: ``ExternKernelChoice.lookup`` (2.13 on) finds it; 2.11 has no ``lookup`` and asserts on a
+second registration of a name, so there the choices made are kept here.
 
 :func:`default_lowering` builds, through private Inductor names (``make_fallback``,
 ``tag_to_layout_constraint``, ``torch._library.utils.get_layout_constraint_tag``; see
@@ -24,7 +29,7 @@ from typing import Any, Callable, Sequence
 from torch._inductor import custom_graph_pass as _cgp
 
 __all__ = ["PASS_LISTS", "PassChain", "chain_post_grad_passes", "custom_graph_passes", "default_lowering",
-           "register_dynamo_backend", "selected_node"]
+           "extern_kernel_choice", "register_dynamo_backend", "selected_node"]
 
 # post_grad_custom_post_pass may be a list or tuple of passes (not in torch 2.11).
 PASS_LISTS = hasattr(_cgp, "get_custom_graph_passes")
@@ -104,6 +109,24 @@ def default_lowering(op) -> Callable:
     constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
     lowering.make_fallback(op, layout_constraint=constraint, warn=False)
     return lowering.lowerings[op]
+
+
+_extern_choices: dict[str, Any] = {}  # name -> ExternKernelChoice, where torch has no lookup (2.11)
+
+
+def extern_kernel_choice(kernel: Callable, name: str, **kwargs: Any) -> Any:
+    """The ``ExternKernelChoice`` of ``kernel`` registered on Inductor's ``extern_kernels`` as
+    ``name`` (``kwargs``: its other constructor arguments), created on the first call only."""
+    from torch._inductor import select_algorithm
+
+    choice_cls = select_algorithm.ExternKernelChoice
+    lookup = getattr(choice_cls, "lookup", None)
+    found = lookup(name) if lookup is not None else _extern_choices.get(name)
+    if found is None:
+        if lookup is None and hasattr(select_algorithm.extern_kernels, name):
+            delattr(select_algorithm.extern_kernels, name)  # left by an earlier import of ours (a reload)
+        found = _extern_choices[name] = choice_cls(kernel, name=name, **kwargs)
+    return found
 
 
 def selected_node(result: Any) -> Any:

@@ -16,6 +16,7 @@ from slcompile.support import generate_support, nnz_for
 _METADATA = {Tensor.dtype.__get__, Tensor.device.__get__, Tensor.shape.__get__, Tensor.ndim.__get__,
              Tensor.requires_grad.__get__, Tensor.is_cuda.__get__, Tensor.layout.__get__, Tensor.size, Tensor.dim,
              Tensor.numel, Tensor.is_floating_point, Tensor.is_complex, Tensor.element_size}
+_DATA = Tensor.data.__get__  # compared with ==: each attribute access makes a new method-wrapper
 
 
 class SLWeight(Tensor):
@@ -23,21 +24,29 @@ class SLWeight(Tensor):
 
     Metadata reads (``dtype``, ``device``, ``shape``/``size()``, ``ndim``/``dim()``, ``requires_grad``,
     ``numel()``, ``is_floating_point()``, ``element_size()``) answer from the layer and cost nothing.
-    Any other use (an op, ``F.linear(x, w)``, ``.data``, ``.detach()``, ``.float()``, printing) runs on
-    the dense ``W`` formed for that use: one ``(out, in)`` tensor and a rank-``r`` GEMM each time,
-    differentiable into ``A``, ``B`` and ``values``. In-place writes raise: the layer's trainable
-    state is ``A``, ``B`` and ``values``.
+    Any other use (an op, ``F.linear(x, w)``, ``.float()``, ``.numpy()``, printing) runs on the
+    dense ``W`` formed for that use: one ``(out, in)`` tensor and a rank-``r`` GEMM each time,
+    differentiable into ``A``, ``B`` and ``values``. ``.data`` and ``.detach()`` give a detached
+    ``SLWeight`` (``W`` formed on use, no gradient). In-place writes raise, through those too
+    (``weight.data.copy_(w)`` would otherwise write into a temporary and be lost): the layer's
+    trainable state is ``A``, ``B`` and ``values``.
     """
 
     layer: "SLLinear"
+    detached: bool
 
     @staticmethod
-    def __new__(cls, layer: "SLLinear") -> "SLWeight":
+    def __new__(cls, layer: "SLLinear", detached: bool = False) -> "SLWeight":
         params = (layer.A, layer.B, layer.values)
+        requires_grad = not detached and any(p.requires_grad for p in params)
         view = Tensor._make_wrapper_subclass(cls, (layer.out_features, layer.in_features), dtype=layer.A.dtype,
-                                             device=layer.A.device, requires_grad=any(p.requires_grad for p in params))
-        view.layer = layer
+                                             device=layer.A.device, requires_grad=requires_grad)
+        view.layer, view.detached = layer, detached
         return view
+
+    def _dense(self) -> Tensor:
+        weight = self.layer.dense_weight()
+        return weight.detach() if self.detached else weight
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -45,13 +54,15 @@ class SLWeight(Tensor):
         if func in _METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
+        if (func is Tensor.detach or func == _DATA) and isinstance(args[0], cls):
+            return cls(args[0].layer, detached=True)
         name = getattr(func, "__name__", "")
         written = args[0] if args else next(iter(kwargs.values()), None)  # nn.init passes tensor=
         if (name.endswith("_") and not name.endswith("__") or name.startswith("__i") or name == "__set__") \
                 and isinstance(written, cls):
             raise RuntimeError(f"SLLinear.weight is W = scale * B @ A + S, formed on use: in-place {name} cannot "
                                "change it; change the layer's A, B or values (or merge the model first)")
-        args, kwargs = torch.utils._pytree.tree_map_only(cls, lambda w: w.layer.dense_weight(), (args, kwargs))
+        args, kwargs = torch.utils._pytree.tree_map_only(cls, lambda w: w._dense(), (args, kwargs))
         return func(*args, **kwargs)
 
     @classmethod

@@ -54,7 +54,7 @@ from torch import Tensor
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from slcompile import kernels, ops
-from slcompile._compat import default_lowering, selected_node
+from slcompile._compat import default_lowering, extern_kernel_choice, selected_node
 
 __all__ = ["EXTERN_CHOICES", "GRAD_WEIGHT_CHOICES", "LOWERED", "MATERIALIZE", "SL_LINEAR", "SL_LINEAR_BACKWARD",
            "TUNED_DEVICES", "LoweringKey", "grad_weight_aten", "grad_weight_choices", "grad_weight_kernel",
@@ -125,11 +125,7 @@ def _extern_choices():
     """The ``ExternKernelChoice`` singletons, registered on Inductor's ``extern_kernels`` by name
     when this module is imported: code the FX graph cache serves calls them by that name without
     running the lowering. ``(materialize choices, dW + dvalues choices)``."""
-    from torch._inductor.select_algorithm import ExternKernelChoice
-
-    def choice(kernel, name, **kwargs):
-        return ExternKernelChoice.lookup(name) or ExternKernelChoice(kernel, name=name, **kwargs)
-
+    choice = extern_kernel_choice
     return ((choice(MATERIALIZE, "slcompile_materialize", has_out_variant=False, op_overload=MATERIALIZE,
                     use_fallback_kernel=True),
              choice(materialize_aten, "slcompile_materialize_aten")),

@@ -143,3 +143,30 @@ def test_source_tree_on_pythonpath_compiles_by_backend_name(tmp_path):
     assert result["hidden"], "the installed entry point was visible: the test would not exercise the source tree"
     assert Path(result["file"]).is_relative_to(tmp_path)
     assert result["diff"] < 1e-5
+
+
+def test_extern_kernel_choice_is_made_once_with_or_without_lookup(monkeypatch):
+    """2.13 on: ``ExternKernelChoice.lookup`` finds the registered choice. 2.11 has no ``lookup``
+    and asserts on a second registration of a name: the shim keeps its own, and replaces a stale
+    registration (a reloaded module) instead of tripping the assertion."""
+    from types import SimpleNamespace
+
+    from torch._inductor import select_algorithm
+
+    def kernel(x, *, out):
+        return out
+
+    first = _compat.extern_kernel_choice(kernel, "slcompile_test_choice")
+    assert _compat.extern_kernel_choice(kernel, "slcompile_test_choice") is first
+
+    class Choice211:  # 2.11's constructor: registers by name, asserts on a duplicate
+        def __init__(self, kernel, *, name):
+            assert not hasattr(select_algorithm.extern_kernels, name), f"duplicate extern kernel: {name}"
+            setattr(select_algorithm.extern_kernels, name, kernel)
+
+    monkeypatch.setattr(select_algorithm, "ExternKernelChoice", Choice211)
+    monkeypatch.setattr(select_algorithm, "extern_kernels", SimpleNamespace(slcompile_stale=kernel))
+    monkeypatch.setattr(_compat, "_extern_choices", {})
+    made = _compat.extern_kernel_choice(kernel, "slcompile_new")
+    assert isinstance(made, Choice211) and _compat.extern_kernel_choice(kernel, "slcompile_new") is made
+    assert isinstance(_compat.extern_kernel_choice(kernel, "slcompile_stale"), Choice211)

@@ -328,11 +328,13 @@ def test_weight_metadata_costs_nothing_and_values_are_the_dense_weight(monkeypat
     assert w.requires_grad and w.is_floating_point() and isinstance(w, torch.Tensor) and calls == []
     x = torch.randn(3, 8, dtype=torch.float64)
     torch.testing.assert_close(nn.functional.linear(x, layer.weight, layer.bias), layer(x))
-    assert torch.equal(w.detach(), real(layer).detach()) and calls == [1, 1]
+    assert torch.equal(w.detach() + 0, real(layer).detach()) and calls == [1, 1]
+    assert not w.detach().requires_grad and not w.data.requires_grad and calls == [1, 1]  # no W formed
     (x @ w.T).sum().backward()  # differentiable into the factors
     assert layer.A.grad is not None and layer.values.grad is not None
     assert list(layer.state_dict()) == keys and [n for n, _ in layer.named_parameters()] == params
-    for write in (lambda: w.add_(1), lambda: nn.init.normal_(w), lambda: w.copy_(torch.zeros(6, 8))):
+    for write in (lambda: w.add_(1), lambda: nn.init.normal_(w), lambda: w.copy_(torch.zeros(6, 8)),
+                  lambda: w.data.copy_(torch.zeros(6, 8)), lambda: w.detach().zero_(), lambda: w.data.normal_()):
         with pytest.raises(RuntimeError, match="in-place .* change the layer's A, B or values"):
             write()
     layer.requires_grad_(False)
