@@ -1,12 +1,15 @@
 """Every torch API slcompile uses that differs between torch 2.11 and the newest release.
 
 The supported range is ``torch>=2.11``; ``docs/compat.md`` lists each private torch name the
-library touches and the releases it was checked against. Two things differ (and a third, below,
-for the Inductor lowering):
+library touches and the releases it was checked against. Three things differ (and a fourth,
+below, for the Inductor lowering):
 
 - Inductor's ``post_grad_custom_post_pass`` takes a list of passes in the releases that have
   ``torch._inductor.custom_graph_pass.get_custom_graph_passes`` (2.13 and 2.14 do); 2.11 takes
   one pass. :func:`chain_post_grad_passes` builds the value for either.
+- ``torch.amp.is_autocast_available`` cannot be traced by 2.11's Dynamo (a graph break in every
+  ``SLLinear``; an error under ``fullgraph=True``); newer releases fold it to a constant.
+  :func:`autocast_available` answers it from the device types autocast has while compiling.
 - Registering a ``torch.compile`` backend by name from a source tree with no package entry point
   (:func:`register_dynamo_backend`): the public ``register_backend`` asserts on a duplicate name,
   which the entry point would hit when it imports this package, so the registration steps aside
@@ -26,10 +29,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import torch
 from torch._inductor import custom_graph_pass as _cgp
 
-__all__ = ["PASS_LISTS", "PassChain", "chain_post_grad_passes", "custom_graph_passes", "default_lowering",
-           "extern_kernel_choice", "register_dynamo_backend", "selected_node"]
+__all__ = ["PASS_LISTS", "PassChain", "autocast_available", "chain_post_grad_passes", "custom_graph_passes",
+           "default_lowering", "extern_kernel_choice", "register_dynamo_backend", "selected_node"]
 
 # post_grad_custom_post_pass may be a list or tuple of passes (not in torch 2.11).
 PASS_LISTS = hasattr(_cgp, "get_custom_graph_passes")
@@ -109,6 +113,17 @@ def default_lowering(op) -> Callable:
     constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
     lowering.make_fallback(op, layout_constraint=constraint, warn=False)
     return lowering.lowerings[op]
+
+
+# Device types torch's autocast supports (torch.amp.is_autocast_available's list in 2.11 to 2.15).
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu", "privateuseone")
+
+
+def autocast_available(device_type: str) -> bool:
+    """``torch.amp.is_autocast_available(device_type)``, traceable by Dynamo on every release."""
+    if torch.compiler.is_compiling():
+        return device_type in AUTOCAST_DEVICE_TYPES
+    return torch.amp.is_autocast_available(device_type)
 
 
 _extern_choices: dict[str, Any] = {}  # name -> ExternKernelChoice, where torch has no lookup (2.11)

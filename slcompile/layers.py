@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from slcompile import eager, ops, ops_factored, path_policy
+from slcompile._compat import autocast_available
 from slcompile._validate import check_int
 from slcompile.config import SLConfig
 from slcompile.support import generate_support, nnz_for
@@ -176,7 +177,7 @@ class SLLinear(nn.Module):
             raise TypeError(f"SLLinear expects a floating-point input, got {x.dtype}")
         params = (self.A, self.B, self.values, self.bias)
         device = x.device.type
-        autocast = (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        autocast = (autocast_available(device) and torch.is_autocast_enabled(device)
                     and x.dtype != torch.float64)  # autocast leaves fp64 alone, as for nn.Linear
         if autocast:
             # Custom ops bypass autocast: cast here; the casts keep fp32 master weights trainable.

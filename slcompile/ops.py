@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from slcompile._compat import autocast_available
+
 __all__ = ["grad_weight_and_values", "materialize", "materialized_backward", "materialized_forward",
            "materialized_weight", "sl_linear", "sl_linear_backward"]
 
@@ -34,7 +36,7 @@ def autocast_disabled(device_type: str):
     the ops are opaque to autocast (``SLLinear`` casts their operands), so the products inside
     must compute in the operands' dtype (MKL's sparse kernels have no bf16; the fake
     implementations promise the operands' dtype)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

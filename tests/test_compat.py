@@ -170,3 +170,20 @@ def test_extern_kernel_choice_is_made_once_with_or_without_lookup(monkeypatch):
     made = _compat.extern_kernel_choice(kernel, "slcompile_new")
     assert isinstance(made, Choice211) and _compat.extern_kernel_choice(kernel, "slcompile_new") is made
     assert isinstance(_compat.extern_kernel_choice(kernel, "slcompile_stale"), Choice211)
+
+
+@pytest.mark.compile
+def test_autocast_available_agrees_with_torch_and_never_calls_it_while_compiling(monkeypatch):
+    """torch 2.11's Dynamo cannot trace ``torch.amp.is_autocast_available`` (a graph break in every
+    SLLinear, an error under fullgraph): the shim answers from a list while compiling."""
+    for device_type in (*_compat.AUTOCAST_DEVICE_TYPES, "meta", "lazy"):
+        assert _compat.autocast_available(device_type) == torch.amp.is_autocast_available(device_type), device_type
+
+    def untraceable(device_type):
+        raise AssertionError("called while compiling")
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: x * _compat.autocast_available("cpu") + _compat.autocast_available("meta"),
+                       backend="eager", fullgraph=True)
+    assert torch.equal(fn(torch.ones(2)), torch.ones(2))

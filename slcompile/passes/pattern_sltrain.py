@@ -164,7 +164,9 @@ class SLTrainPatternPass(CustomGraphPass):
 def _function_output(node: fx.Node) -> tuple[fx.GraphModule, fx.Node, tuple] | None:
     """``(forward graph module, its output, consumer)`` if the ``autograd_function_apply`` ``node`` (an
     ``autograd.Function`` as Dynamo records it) returns one tensor that its forward computes by a linear
-    (``_consumer``); the forward output is ``((out,), saved_for_backward)``."""
+    (``_consumer``); the forward output is ``((out, *mutated), saved_for_backward)``: torch 2.11's
+    Dynamo also returns the intermediates the forward modified in place (``scatter_add_``), which the
+    Function's caller never reads (:func:`_function_match` checks that only ``out`` is used)."""
     body = node.args[0] if node.args else None
     if not (isinstance(body, fx.Node) and body.op == "get_attr"):
         return None
@@ -173,7 +175,7 @@ def _function_output(node: fx.Node) -> tuple[fx.GraphModule, fx.Node, tuple] | N
         return None
     result = forward.graph.output_node().args[0]
     outputs = result[0] if isinstance(result, (tuple, list)) and result else None
-    if not isinstance(outputs, (tuple, list)) or len(outputs) != 1:
+    if not isinstance(outputs, (tuple, list)) or not outputs:
         return None
     consumer = _consumer(outputs[0])
     return None if consumer is None else (forward, outputs[0], consumer)
@@ -308,7 +310,7 @@ def _in_place_scatter(node: fx.Node, chain: list[fx.Node]) -> fx.Node | None:
     if _kind(update) not in ("index_add", "index_put", "scatter_add"):
         raise _NoMatch(f"{node.name} is updated in place by {update.target} ({update.name}), "
                        "not by an accumulating scatter")
-    if update.users:
+    if any(user not in chain for user in update.users):  # the Function's forward output may list it (2.11)
         raise _NoMatch(f"the result of the in-place {update.target} ({update.name}) is used")
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     early = [u for u in node.users if u not in (update, view) and order[u] < order[update]]

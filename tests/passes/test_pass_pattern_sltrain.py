@@ -442,6 +442,41 @@ def test_authors_layer_through_dynamo(body, bias):
     assert not any(isinstance(m, fx.GraphModule) for m in gm.children())
 
 
+def with_mutated_intermediates_returned(gm: fx.GraphModule) -> None:
+    """Torch 2.11's Dynamo records an ``autograd.Function`` whose forward modifies an intermediate in
+    place with those intermediates among the forward's outputs: ``((out, *mutated), saved)``."""
+    for node in gm.graph.find_nodes(op="get_attr"):
+        body = getattr(gm, node.target)
+        if not (isinstance(body, fx.GraphModule) and "fwd" in node.target):
+            continue
+        output = body.graph.output_node()
+        outs, saved = output.args[0]
+        mutated = [n for n in body.graph.nodes if n.op in ("call_method", "call_function")
+                   and str(getattr(n.target, "__name__", n.target)).endswith("_")]
+        assert mutated, "the authors' forward modifies its weight in place"
+        output.args = (((*outs, *mutated), saved),)
+        body.recompile()
+
+
+@pytest.mark.compile
+def test_authors_function_recorded_as_torch_2_11_records_it():
+    model = AuthorsLinear(10, 6, 3, 12)
+    torch._dynamo.reset()
+    rewrite = SLTrainPatternPass()
+
+    def backend(gm, example_inputs):
+        with_mutated_intermediates_returned(gm)
+        rewrite(gm.graph)
+        gm.graph.lint()
+        gm.recompile()
+        return gm.forward
+
+    x = torch.randn(3, 10, dtype=torch.float64)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    torch.testing.assert_close(outputs_and_grads(compiled, x), outputs_and_grads(model, x), rtol=1e-12, atol=1e-12)
+    assert rewrite.counts["sl_linear"] == 1, rewrite.notes
+
+
 class ScaledInputFunction(SparseLinearFunction):
     """Not the SLTrain layer: the forward also scales its input (the backward is left out of the check)."""
 
