@@ -31,10 +31,10 @@ quality: $(STAMP)
 	mkdir -p benchmarks/results/quality && cp runs/quality/table.* runs/quality/val_curves.png benchmarks/results/quality/
 	for m in sltrain full lowrank; do cp runs/quality/$$m/metrics.jsonl benchmarks/results/quality/$$m.metrics.jsonl; done
 
-# Refactorization, momentum reset, alpha/r in the harness of `quality` (10 long runs after a short
-# sweep, three at a time: several hours on 2 cores); see benchmarks/README.md.
+# Refactorization, momentum reset, alpha/r in the harness of `quality` (14 long runs after a short
+# sweep, two at a time: about 1.5 hours on 2 idle cores); see benchmarks/README.md.
 quality-techniques: $(STAMP)
-	$(BIN)/python benchmarks/quality_techniques.py --jobs 3
+	$(BIN)/python benchmarks/quality_techniques.py --jobs 2
 
 quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py

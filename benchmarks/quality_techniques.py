@@ -13,8 +13,8 @@ from its checkpoint, or finds it finished):
    short-sweep LR (of the ``alpha/r`` variants only the better one), plain SLTrain, full rank and
    low rank each at the best LR of ``make quality`` and at the one above it (the LR below was
    worse for all three there), low rank with both techniques at its ``make quality`` LR;
-3. second seed (``--seed 1``) of the two best SLTrain runs of phase 2, started as soon as the
-   SLTrain runs of phase 2 end.
+3. second seed (``--seed 1``) of the two best SLTrain runs of phase 2 and of plain SLTrain (the
+   noise every technique is compared against), started as soon as the SLTrain runs of phase 2 end.
 
 Restarts every ``steps / 8`` updates, LR recovery over ``steps / 80`` (cosine with quick recovery,
 arXiv 2505.22922); the momentum resets clear the states of ``A``, ``B`` and ``values``.
@@ -22,7 +22,9 @@ Writes ``--results`` (default ``benchmarks/results/quality/techniques``): ``comm
 ``short_sweep.json``, ``table.md``/``table.json``/``val_curves.png`` of the long runs (ratios to
 the best full-rank run) and ``summary.md`` (val perplexity of every long run, ratio to the best
 full-rank run, mean and spread of the seeds), plus one ``<run>.metrics.jsonl`` per long run.
-``--dry-run`` prints phase 1's commands and exits.
+``--dry-run`` prints phase 1's commands and exits. ``--report-only`` trains nothing and writes the
+results of every finished run under ``--out`` (follow-up runs started by hand in the same folder,
+with the same settings, included; ``commands.txt`` lists them).
 """
 from __future__ import annotations
 
@@ -104,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=Path("benchmarks") / "results" / "quality" / "techniques")
     parser.add_argument("--jobs", type=int, default=3)
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
+    if args.report_only:
+        report(args.out, args.results)
+        return 0
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     short_variants, long_variants = variants(SHORT["steps"]), variants(LONG["steps"])
     short = {(name, lr): command(SHORT, "sltrain", lr, flags, args.out / "short" / f"{name}-lr{lr:g}", threads)
@@ -115,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
     log = args.results / "commands.txt"
-    log.write_text("")
+    if not log.exists():
+        log.write_text("")
     runner = Runner(args.jobs, log)
     wait(runner.submit(list(short.values())))
     results = [{"variant": name, "lr": lr, "val_loss": val_loss(args.out / "short" / f"{name}-lr{lr:g}")}
@@ -123,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     best = {name: min((r for r in results if r["variant"] == name), key=lambda r: r["val_loss"])
             for name in short_variants}
     alpha = min(("alpha0.5", "alpha1"), key=lambda name: best[name]["val_loss"])
-    (args.results / "short_sweep.json").write_text(json.dumps({"results": results, "best_lr": {
-        name: r["lr"] for name, r in best.items()}, "settings": SHORT}, indent=2) + "\n")
 
     sltrain = {f"{name}-lr{best[name]['lr']:g}": ("sltrain", best[name]["lr"], long_variants[name])
                for name in ("refactor", "reset", "both", alpha)}
@@ -140,20 +145,33 @@ def main(argv: list[str] | None = None) -> int:
     sltrain_futures = runner.submit(commands(sltrain))
     other_futures = runner.submit(commands(others))
     wait(sltrain_futures)
-    # Second seed of the two best SLTrain runs, queued behind the full and low-rank runs.
+    # Second seed of the two best SLTrain runs and of plain SLTrain, queued behind the full and low-rank runs.
+    plain = f"sltrain-lr{QUALITY_LR['sltrain']:g}"
+    best_two = sorted(sltrain, key=lambda name: val_loss(args.out / name))[:2]
     seeds = {f"{name}-seed1": (*sltrain[name][:2], {**sltrain[name][2], "seed": 1})
-             for name in sorted(sltrain, key=lambda name: val_loss(args.out / name))[:2]}
+             for name in dict.fromkeys([*best_two, plain])}
     wait(other_futures + runner.submit(commands(seeds)))
     runner.pool.shutdown()
 
-    finished = [name for name in [*sltrain, *others, *seeds] if (args.out / name / "summary.json").exists()]
-    compare([args.out / name for name in finished], args.results)
-    for name in finished:
-        shutil.copy(args.out / name / "metrics.jsonl", args.results / f"{name}.metrics.jsonl")
-    lines = summary_lines(args.out, finished)
-    (args.results / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    report(args.out, args.results)
     return 0
+
+
+def report(out: Path, results: Path) -> None:
+    """Write the results of every finished run under ``out`` (module doc) into ``results``."""
+    short = []
+    for folder in ("short", "short-extra"):
+        for run in sorted((out / folder).glob("*-lr*")):
+            config = json.loads((run / "config.json").read_text())
+            short.append({"run": f"{folder}/{run.name}", "lr": config["lr"], "val_loss": val_loss(run)})
+    (results / "short_sweep.json").write_text(json.dumps({"results": short, "settings": SHORT}, indent=2) + "\n")
+    finished = sorted(run.name for run in out.glob("*-lr*") if (run / "summary.json").exists())
+    compare([out / name for name in finished], results)
+    for name in finished:
+        shutil.copy(out / name / "metrics.jsonl", results / f"{name}.metrics.jsonl")
+    lines = summary_lines(out, finished)
+    (results / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
