@@ -52,6 +52,17 @@ def graph_handler():
         yield
 
 
+@pytest.fixture
+def tuned_on_cpu(monkeypatch) -> list[str]:
+    """The CUDA path with ``"cpu"`` admitted; the names of the autotuned nodes, in order."""
+    monkeypatch.setattr(lowering, "TUNED_DEVICES", ("cuda", "cpu"))
+    tuned = []
+    real = select_algorithm.autotune_select_algorithm
+    monkeypatch.setattr(select_algorithm, "autotune_select_algorithm",
+                        lambda name, *args, **kwargs: tuned.append(name) or real(name, *args, **kwargs))
+    return tuned
+
+
 def test_installed_only_inside_and_restored(monkeypatch):
     """Inside: an entry calling ``lower_materialize`` with the previous entry, or Inductor's implicit
     fallback, as its default. After: the previous entry, or none."""
@@ -211,15 +222,11 @@ def test_autotuned_choices_run_on_cpu(monkeypatch, only):
 
 
 @pytest.mark.compile
-def test_fused_inputs_autotuned_on_cpu(monkeypatch):
+def test_fused_inputs_autotuned_on_cpu(tuned_on_cpu):
     """Where the backend makes ``materialize`` nodes itself (``fuse_shared_input``: one ``W`` per
     layer, concatenated), forward and backward under max-autotune with ``"cpu"`` allowed: each
     node is autotuned and the values and gradients equal eager."""
-    monkeypatch.setattr(lowering, "TUNED_DEVICES", ("cuda", "cpu"))
-    tuned = []
-    real = select_algorithm.autotune_select_algorithm
-    monkeypatch.setattr(select_algorithm, "autotune_select_algorithm",
-                        lambda name, *args, **kwargs: tuned.append(name) or real(name, *args, **kwargs))
+    tuned = tuned_on_cpu
     torch.manual_seed(0)
     # path fixed: an eager "auto" call would calibrate the CPU rates here, amid compile workers
     q, k = (slcompile.SLLinear(32, 16, rank=4, density=0.1, seed=seed, path="materialize") for seed in (1, 2))
@@ -275,18 +282,14 @@ def test_grad_weight_choices_fill_the_packed_buffer(choice):
 
 
 @pytest.mark.compile
-def test_sl_linear_forward_and_backward_autotuned_on_cpu(monkeypatch):
+def test_sl_linear_forward_and_backward_autotuned_on_cpu(tuned_on_cpu):
     """The default ``sl_linear`` path under max-autotune with ``"cpu"`` allowed: forward and
     backward decompose into autotuned ``materialize`` and ``dW`` + ``dvalues`` nodes and Inductor
     ``mm`` nodes; values and gradients (3-D input, bias, first layer without ``dx``) equal eager
     in float64, and no ``sl_linear`` op is left in the code."""
     from torch._inductor.utils import run_and_get_code
 
-    monkeypatch.setattr(lowering, "TUNED_DEVICES", ("cuda", "cpu"))
-    tuned = []
-    real = select_algorithm.autotune_select_algorithm
-    monkeypatch.setattr(select_algorithm, "autotune_select_algorithm",
-                        lambda name, *args, **kwargs: tuned.append(name) or real(name, *args, **kwargs))
+    tuned = tuned_on_cpu
     torch.manual_seed(0)
     first = slcompile.SLLinear(24, 16, rank=4, density=0.1, bias=True, path="materialize")
     second = slcompile.SLLinear(16, 8, rank=3, density=0.2, seed=1, path="materialize")

@@ -413,12 +413,15 @@ def outputs_and_grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [y.detach(), *grads]
 
 
-def dynamo_pass(model: nn.Module, x: torch.Tensor) -> tuple[list[fx.GraphModule], SLTrainPatternPass]:
-    """``model`` through Dynamo with the pass run on each graph it records (no Inductor): the graphs and the pass."""
+def dynamo_pass(model: nn.Module, x: torch.Tensor, prepare=None) -> tuple[list[fx.GraphModule], SLTrainPatternPass]:
+    """``model`` through Dynamo with the pass run on each graph it records (no Inductor), after
+    ``prepare(graph module)`` if given: the graphs and the pass."""
     torch._dynamo.reset()
     graphs, rewrite = [], SLTrainPatternPass()
 
     def backend(gm, example_inputs):
+        if prepare is not None:
+            prepare(gm)
         rewrite(gm.graph)
         gm.graph.lint()
         gm.recompile()
@@ -460,20 +463,8 @@ def with_mutated_intermediates_returned(gm: fx.GraphModule) -> None:
 
 @pytest.mark.compile
 def test_authors_function_recorded_as_torch_2_11_records_it():
-    model = AuthorsLinear(10, 6, 3, 12)
-    torch._dynamo.reset()
-    rewrite = SLTrainPatternPass()
-
-    def backend(gm, example_inputs):
-        with_mutated_intermediates_returned(gm)
-        rewrite(gm.graph)
-        gm.graph.lint()
-        gm.recompile()
-        return gm.forward
-
-    x = torch.randn(3, 10, dtype=torch.float64)
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
-    torch.testing.assert_close(outputs_and_grads(compiled, x), outputs_and_grads(model, x), rtol=1e-12, atol=1e-12)
+    _, rewrite = dynamo_pass(AuthorsLinear(10, 6, 3, 12), torch.randn(3, 10, dtype=torch.float64),
+                             prepare=with_mutated_intermediates_returned)
     assert rewrite.counts["sl_linear"] == 1, rewrite.notes
 
 
