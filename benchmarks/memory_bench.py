@@ -57,9 +57,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -394,8 +394,13 @@ def _sharded_rank(rank: int, world_size: int, init_method: str, config: str, met
                                               if torch.is_tensor(v) and k != "step"),
             "support": storage_bytes(b for b in model.buffers() if not b.is_floating_point()),
         }))
+        del model, opt, params
+        dist.barrier()  # no rank leaves while another still talks to it
     finally:
         dist.destroy_process_group()
+        # FSDP2's device mesh keeps group objects in reference cycles: a gloo group first freed at
+        # interpreter exit can abort the process (SIGABRT, "terminate called without an active exception").
+        gc.collect()
 
 
 def measure_sharded(config: str, method: str, world_size: int, *, dtype: str = "fp32", batch: int = 1,
